@@ -1,0 +1,155 @@
+"""A deterministic market per symbol: random-walk prices, contiguous trade ids, a consistent book.
+
+Every simulator draws from this model, so the same seed gives the same tape whatever the protocol.
+The book is a price ladder around the mid; each step moves the mid and changes a few levels, and every
+change bumps the book's update id, which is what diff-depth streams and snapshots are checked against.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import zlib
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class SimTrade:
+    id: int
+    price: float
+    qty: float
+    buyer_is_maker: bool
+    ts_ms: int
+
+
+@dataclass(slots=True)
+class BookDiff:
+    first_update_id: int
+    last_update_id: int
+    bids: list[tuple[float, float]]  # (price, qty); qty 0 removes the level
+    asks: list[tuple[float, float]]
+    ts_ms: int
+
+
+@dataclass(slots=True)
+class SymbolState:
+    symbol: str
+    rng: random.Random
+    tick: float
+    mid: float
+    open: float
+    high: float
+    low: float
+    volume: float = 0.0
+    quote_volume: float = 0.0
+    trade_id: int = 0
+    update_id: int = 1000
+    trade_count: int = 0
+    bids: dict[float, float] = field(default_factory=dict)
+    asks: dict[float, float] = field(default_factory=dict)
+    last: SimTrade | None = None
+
+
+def _base_price(symbol: str) -> float:
+    known = {"BTC": 60000.0, "ETH": 3000.0, "SOL": 150.0, "BNB": 550.0, "XRP": 0.55, "EUR": 1.08}
+    base = symbol.replace("-", "/").replace(".", "/").split("/")[0].upper()
+    if base in known:
+        return known[base]
+    return 10.0 + (zlib.crc32(symbol.encode()) % 50000) / 100.0
+
+
+class MarketModel:
+    """Seeded per-symbol markets; call `trade()` to advance one symbol by one print."""
+
+    LEVELS = 50
+
+    def __init__(self, seed: int = 1, symbols: list[str] | tuple[str, ...] = ()) -> None:
+        self.seed = seed
+        self._symbols: dict[str, SymbolState] = {}
+        for s in symbols:
+            self.add(s)
+
+    @property
+    def symbols(self) -> list[str]:
+        return list(self._symbols)
+
+    def __contains__(self, symbol: str) -> bool:
+        return symbol in self._symbols
+
+    def add(self, symbol: str, price: float | None = None) -> SymbolState:
+        if symbol in self._symbols:
+            return self._symbols[symbol]
+        rng = random.Random(f"{self.seed}:{symbol}")
+        mid = price if price is not None else _base_price(symbol)
+        tick = 10 ** (len(str(int(mid))) - 6) if mid >= 1 else 0.00001
+        mid = round(round(mid / tick) * tick, 10)
+        st = SymbolState(symbol=symbol, rng=rng, tick=tick, mid=mid, open=mid, high=mid, low=mid)
+        st.trade_id = 1000 + rng.randrange(1000)
+        for i in range(1, self.LEVELS + 1):
+            st.bids[round(mid - i * tick, 10)] = round(rng.uniform(0.1, 5.0), 4)
+            st.asks[round(mid + i * tick, 10)] = round(rng.uniform(0.1, 5.0), 4)
+        self._symbols[symbol] = st
+        return st
+
+    def state(self, symbol: str) -> SymbolState:
+        return self._symbols[symbol]
+
+    def trade(self, symbol: str, now_ms: int | None = None) -> tuple[SimTrade, BookDiff]:
+        """One print: move the mid, record the trade, and return the book changes it caused."""
+        st = self._symbols[symbol]
+        rng = st.rng
+        ts = now_ms if now_ms is not None else int(time.time() * 1000)
+        step = rng.choice((-1, 0, 0, 1))
+        st.mid = round(st.mid + step * st.tick, 10)
+        buyer_is_maker = rng.random() < 0.5
+        price = round(st.mid - st.tick if buyer_is_maker else st.mid + st.tick, 10)
+        qty = round(rng.uniform(0.001, 2.0), 4)
+        st.trade_id += 1
+        st.trade_count += 1
+        trade = SimTrade(st.trade_id, price, qty, buyer_is_maker, ts)
+        st.last = trade
+        st.high = max(st.high, price)
+        st.low = min(st.low, price)
+        st.volume += qty
+        st.quote_volume += qty * price
+        return trade, self._rebook(st, ts)
+
+    def _rebook(self, st: SymbolState, ts: int) -> BookDiff:
+        first = st.update_id + 1
+        bids: list[tuple[float, float]] = []
+        asks: list[tuple[float, float]] = []
+        # The ladder sits one tick either side of the mid and the mid moves one tick at most, so only
+        # a level at the new mid itself can be crossed.
+        if st.bids.pop(st.mid, None) is not None:
+            bids.append((st.mid, 0.0))
+        if st.asks.pop(st.mid, None) is not None:
+            asks.append((st.mid, 0.0))
+        for i in range(1, 4):
+            bp, ap = round(st.mid - i * st.tick, 10), round(st.mid + i * st.tick, 10)
+            bq, aq = round(st.rng.uniform(0.1, 5.0), 4), round(st.rng.uniform(0.1, 5.0), 4)
+            st.bids[bp], st.asks[ap] = bq, aq
+            bids.append((bp, bq))
+            asks.append((ap, aq))
+        for side, out, sign in ((st.bids, bids, -1), (st.asks, asks, 1)):
+            while len(side) < self.LEVELS:
+                far = round((min(side) - st.tick) if sign < 0 else (max(side) + st.tick), 10)
+                side[far] = round(st.rng.uniform(0.1, 5.0), 4)
+                out.append((far, side[far]))
+            while len(side) > self.LEVELS:
+                far = min(side) if sign < 0 else max(side)
+                del side[far]
+                out.append((far, 0.0))
+        st.update_id = first + len(bids) + len(asks) - 1
+        return BookDiff(first, st.update_id, bids, asks, ts)
+
+    def snapshot(self, symbol: str, depth: int = 100) -> tuple[int, list[tuple[float, float]], list[tuple[float, float]]]:
+        st = self._symbols[symbol]
+        bids = sorted(st.bids.items(), reverse=True)[:depth]
+        asks = sorted(st.asks.items())[:depth]
+        return st.update_id, bids, asks
+
+    def best(self, symbol: str) -> tuple[tuple[float, float], tuple[float, float]]:
+        st = self._symbols[symbol]
+        bp = max(st.bids)
+        ap = min(st.asks)
+        return (bp, st.bids[bp]), (ap, st.asks[ap])
