@@ -12,6 +12,8 @@ import time
 import zlib
 from dataclasses import dataclass, field
 
+Level = tuple[float, float]  # (price, qty)
+
 
 @dataclass(slots=True)
 class SimTrade:
@@ -142,7 +144,7 @@ class MarketModel:
         st.update_id = first + len(bids) + len(asks) - 1
         return BookDiff(first, st.update_id, bids, asks, ts)
 
-    def snapshot(self, symbol: str, depth: int = 100) -> tuple[int, list[tuple[float, float]], list[tuple[float, float]]]:
+    def snapshot(self, symbol: str, depth: int = 100) -> tuple[int, list[Level], list[Level]]:
         st = self._symbols[symbol]
         bids = sorted(st.bids.items(), reverse=True)[:depth]
         asks = sorted(st.asks.items())[:depth]

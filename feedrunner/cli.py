@@ -1,0 +1,153 @@
+"""The `feedrunner` command: validate | run | schema | sim | status | rollout.
+
+Exit codes follow sysexits where they exist: 0 ok, 64 usage, 78 EX_CONFIG for an invalid spec (as
+Vector does), 69 when a needed service is unavailable. No input ever produces a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from feedrunner import __version__
+
+EX_OK = 0
+EX_USAGE = 64
+EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
+EX_CONFIG = 78
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="feedrunner", description="Run market-data feeds declared in feeds.yaml."
+    )
+    p.add_argument("--version", action="version", version=f"feedrunner {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    v = sub.add_parser("validate", help="check feeds.yaml files; exit 0 if valid, 78 if not")
+    v.add_argument("files", nargs="*", default=["feeds.yaml"], metavar="FILE")
+    v.add_argument("--format", choices=("text", "json"), default="text")
+    v.add_argument("--quiet", "-q", action="store_true", help="print problems only")
+
+    r = sub.add_parser("run", help="run the feeds of FILE (default feeds.yaml)")
+    r.add_argument("file", nargs="?", default="feeds.yaml", metavar="FILE")
+    r.add_argument("--dry-run", action="store_true", help="validate and print the plan, then exit")
+
+    sub.add_parser("schema", help="print the JSON Schema of feeds.yaml")
+
+    s = sub.add_parser("sim", help="run a venue simulator standalone (for demos and manual tests)")
+    s.add_argument("venue", choices=("binance", "ib", "futu"))
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=0)
+    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--rate", type=float, default=5.0, help="trades per second per symbol")
+    s.add_argument("--symbols", default="BTC/USDT,ETH/USDT,SOL/USDT", help="binance: comma-separated symbols")
+    return p
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from feedrunner.spec import check_file, describe
+
+    results = []
+    worst = EX_OK
+    for name in args.files:
+        spec, problems = check_file(name)
+        results.append((name, spec, problems))
+        if problems:
+            worst = EX_CONFIG
+    if args.format == "json":
+        out = [
+            {"file": name, "valid": not problems, "problems": [p.as_dict() for p in problems]}
+            for name, _, problems in results
+        ]
+        print(json.dumps(out if len(out) > 1 else out[0], indent=2))
+        return worst
+    for name, spec, problems in results:
+        for problem in problems:
+            print(problem)
+        if spec is not None and not args.quiet:
+            print(describe(spec))
+        elif problems:
+            print(f"{name}: {len(problems)} problem(s)", file=sys.stderr)
+    return worst
+
+
+def _run(args: argparse.Namespace) -> int:
+    from feedrunner.spec import check_file, describe
+
+    spec, problems = check_file(args.file)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if spec is None:
+        return EX_CONFIG
+    print(describe(spec))
+    if args.dry_run:
+        return EX_OK
+    try:
+        from feedrunner.runner import run
+    except ImportError:
+        print(
+            "feedrunner: the streaming runner is not built yet; the plan above is what it will run",
+            file=sys.stderr,
+        )
+        return EX_OK
+    return run(spec)
+
+
+def _sim(args: argparse.Namespace) -> int:
+    import asyncio
+    import importlib
+
+    module = {"binance": "feedrunner.sim.binance", "ib": "feedrunner.sim.tws", "futu": "feedrunner.sim.opend"}
+    try:
+        sim = importlib.import_module(module[args.venue])
+    except ImportError as exc:
+        print(f"feedrunner: the {args.venue} simulator is not available: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    if args.venue == "binance":
+        coro = sim.run_standalone(args.host, args.port, args.seed, args.rate, args.symbols.split(","))
+    else:
+        coro = sim.run_standalone(args.host, args.port, args.seed, args.rate)
+    try:
+        asyncio.run(coro)
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        print(f"feedrunner: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    return EX_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors; sysexits says 64
+        return EX_USAGE if exc.code else EX_OK
+    if args.command is None:
+        parser.print_help()
+        return EX_USAGE
+    try:
+        if args.command == "validate":
+            return _validate(args)
+        if args.command == "schema":
+            from feedrunner.spec import schema
+
+            print(json.dumps(schema(), indent=2))
+            return EX_OK
+        if args.command == "run":
+            return _run(args)
+        if args.command == "sim":
+            return _sim(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EX_OK
+    return EX_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

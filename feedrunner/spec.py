@@ -1,0 +1,935 @@
+"""feeds.yaml -> ${ENV} interpolation -> JSON Schema -> semantic checks -> a frozen, typed Spec.
+
+Every problem is collected (not just the first) and located by file, line, column and key path, so an
+operator fixes a file in one pass. Nothing here opens a socket; ccxt is imported only to check that an
+exchange id exists and has the methods the spec asks of it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import ipaddress
+import json
+import string
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path as FsPath
+from typing import Any, Literal
+
+import jsonschema
+
+from feedrunner import units
+from feedrunner.yamlsource import MAX_BYTES, Document, Path, Problem, format_path, load
+
+Transport = Literal["websocket", "polling", "hybrid"]
+Channel = Literal["trades", "ticker", "book"]
+CHANNELS: tuple[Channel, ...] = ("trades", "ticker", "book")
+
+# What each adapter can stream; the one table spec checks and adapters agree on.
+ADAPTER_CHANNELS: dict[str, frozenset[str]] = {
+    "ccxt": frozenset({"trades", "ticker", "book"}),
+    "ib": frozenset({"trades", "ticker"}),
+    "futu": frozenset({"trades", "ticker", "book"}),
+}
+_CCXT_WATCH = {"trades": "watchTrades", "ticker": "watchTicker", "book": "watchOrderBook"}
+_CCXT_FETCH = {"trades": "fetchTrades", "ticker": "fetchTicker", "book": "fetchOrderBook"}
+
+# The unit each health metric's threshold is written in.
+METRIC_KINDS: dict[str, str] = {
+    "latency_p50": "duration",
+    "latency_p95": "duration",
+    "latency_p99": "duration",
+    "latency_avg": "duration",
+    "staleness": "duration",
+    "error_rate": "ratio",
+    "uptime": "ratio",
+    "reconnects_per_hour": "number",
+    "message_rate": "number",
+    "memory_rss": "size",
+    "memory_growth": "size",
+}
+_KIND_PARSE = {"duration": units.duration, "ratio": units.ratio, "size": units.size, "number": units.number}
+_KIND_EXAMPLE = {"duration": "500ms", "ratio": "1% or 0.01", "size": "100MB", "number": "5"}
+OPERATORS = ("below", "above", "at_most", "at_least")
+SINK_FIELDS = frozenset({"venue", "date", "kind", "symbol"})
+
+
+# ---------------------------------------------------------------------------------------------------
+# The typed spec
+
+
+class Secret(str):
+    """A string that never shows itself in repr, logs or tracebacks."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    def reveal(self) -> str:
+        return str.__str__(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    base: float = 1.0
+    cap: float = 60.0
+    factor: float = 2.0
+    jitter: float = 0.2
+    max_attempts: int = 50
+    reset_after: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreakerSpec:
+    failure_threshold: int = 5
+    recovery_timeout: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class IbContract:
+    symbol: str
+    sec_type: str = "STK"
+    exchange: str = "SMART"
+    currency: str = "USD"
+    primary_exchange: str | None = None
+    last_trade_date: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Venue:
+    name: str
+    adapter: Literal["ccxt", "ib", "futu"]
+    symbols: tuple[str, ...]
+    channels: tuple[Channel, ...]
+    transport: Transport
+    poll_interval: float
+    stale_after: Mapping[str, float]  # channel -> seconds, every subscribed channel present
+    book_depth: int
+    backoff: Backoff
+    circuit_breaker: CircuitBreakerSpec
+    enabled: bool = True
+    # ccxt
+    exchange: str | None = None
+    endpoints: Mapping[str, str] = field(default_factory=dict)
+    credentials: Mapping[str, Secret] = field(default_factory=dict)
+    rate_limit: bool | None = None
+    trades_buffer: int = 1000
+    # ib / futu
+    host: str | None = None
+    port: int | None = None
+    client_id: int | None = None
+    contracts: Mapping[str, IbContract] = field(default_factory=dict)  # ib: explicit contracts by key
+    market_data_lines: int = 100
+    market_data_type: str = "live"
+    quota: int = 100
+    min_subscription: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    metric: str
+    op: Literal["below", "above", "at_most", "at_least"]
+    threshold: float  # seconds, ratio, bytes or count, by METRIC_KINDS
+    window: float
+    min_samples: int
+    name: str
+
+    def holds(self, value: float) -> bool:
+        if self.op == "below":
+            return value < self.threshold
+        if self.op == "above":
+            return value > self.threshold
+        if self.op == "at_most":
+            return value <= self.threshold
+        return value >= self.threshold
+
+
+@dataclass(frozen=True, slots=True)
+class Phase:
+    name: str
+    symbols: tuple[tuple[str, str], ...]  # (venue, symbol), resolved from the selector
+    dwell: float | None
+    approval: Literal["auto", "manual"]
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    cooldown: float = 1800.0
+    restart_from: Literal["first", "failed"] = "first"
+    max_attempts: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Rollout:
+    enabled: bool
+    baseline: Transport
+    target: Transport
+    phases: tuple[Phase, ...]
+    gates: tuple[Condition, ...]
+    rollback: tuple[Condition, ...]
+    recovery: Recovery
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    url: Secret
+    timeout: float = 5.0
+    max_attempts: int = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    interval: float = 15.0
+    checks: tuple[Condition, ...] = ()
+    webhook: Webhook | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Sink:
+    type: Literal["jsonl", "stdout"]
+    path: str | None = None
+    flush_interval: float = 1.0
+    max_open_files: int = 64
+    kinds: tuple[str, ...] = ("trade", "ticker", "book")
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSpec:
+    size: int = 100_000
+    overflow: Literal["block", "drop_oldest"] = "block"
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 9108
+    token: Secret | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    source: str
+    version: int
+    environment: Literal["simulator", "live"]
+    venues: tuple[Venue, ...]
+    rollout: Rollout | None
+    health: Health
+    sinks: tuple[Sink, ...]
+    queue: QueueSpec
+    server: Server
+    state_url: str
+    log_level: str
+    log_format: Literal["text", "json"]
+    sim_seed: int
+    sim_rate: float
+
+    def venue(self, name: str) -> Venue:
+        for v in self.venues:
+            if v.name == name:
+                return v
+        raise KeyError(name)
+
+
+class SpecError(Exception):
+    """Raised by load_spec; carries every problem found."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Entry points
+
+
+@functools.cache
+def schema() -> dict[str, Any]:
+    text = resources.files("feedrunner").joinpath("feeds.schema.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+@functools.cache
+def _validator() -> jsonschema.protocols.Validator:
+    return jsonschema.Draft202012Validator(schema())
+
+
+def check_file(path: str | FsPath, env: Mapping[str, str] | None = None) -> tuple[Spec | None, list[Problem]]:
+    """Read and check one file; returns the Spec or every problem, never raises for bad input."""
+    name = str(path)
+    p = FsPath(path)
+    try:
+        if p.is_dir():
+            return None, [Problem(name, 0, 0, "", "is a directory, not a feeds.yaml file")]
+        with p.open("rb") as fh:
+            raw = fh.read(MAX_BYTES + 1)  # a larger file is rejected without reading it all
+    except FileNotFoundError:
+        return None, [Problem(name, 0, 0, "", "no such file")]
+    except OSError as exc:
+        return None, [Problem(name, 0, 0, "", f"cannot read: {exc.strerror or exc}")]
+    return check_text(raw, name, env)
+
+
+def check_text(
+    source: str | bytes, file: str = "feeds.yaml", env: Mapping[str, str] | None = None
+) -> tuple[Spec | None, list[Problem]]:
+    doc, problems = load(source, file, env)
+    if doc.data is None:
+        return None, problems
+    if not isinstance(doc.data, dict):
+        return None, [doc.problem((), "the top level must be a mapping of keys (version, venues, ...)")]
+    # Interpolation and duplicate-key problems do not stop the checks: an operator sees everything at once.
+    problems += _schema_problems(doc)
+    if problems:
+        return None, _sorted(problems)
+    builder = _SpecBuilder(doc)
+    spec = builder.build()
+    if builder.problems:
+        return None, _sorted(builder.problems)
+    return spec, []
+
+
+def load_spec(path: str | FsPath, env: Mapping[str, str] | None = None) -> Spec:
+    spec, problems = check_file(path, env)
+    if spec is None:
+        raise SpecError(problems)
+    return spec
+
+
+def _sorted(problems: list[Problem]) -> list[Problem]:
+    unique = dict.fromkeys(problems)
+    return sorted(unique, key=lambda p: (p.line, p.column, p.path, p.message))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Schema errors, in words an operator acts on
+
+_TYPE_NAMES = {
+    "string": "a string",
+    "number": "a number",
+    "integer": "a whole number",
+    "boolean": "true or false",
+    "object": "a mapping",
+    "array": "a list",
+    "null": "empty",
+}
+
+
+def _yaml_type(value: object) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    return "a mapping"
+
+
+def _schema_problems(doc: Document) -> list[Problem]:
+    problems = _foreign_keys(doc)
+    for error in _validator().iter_errors(doc.data):
+        path = tuple(error.absolute_path)
+        if any(path[: len(b)] == b for b in doc.broken):
+            continue  # already reported where it broke (an unset variable, a duplicate key)
+        problems.extend(_translate(doc, error))
+    return problems
+
+
+@functools.cache
+def _forbidden(definition: str, discriminator: str) -> dict[str, frozenset[str]]:
+    """Keys a schema definition forbids (`key: false`) per value of its discriminator, e.g. adapter."""
+    out: dict[str, frozenset[str]] = {}
+    for rule in schema()["$defs"][definition].get("allOf", []):
+        value = rule["if"]["properties"][discriminator]["const"]
+        banned = {k for k, sub in rule["then"].get("properties", {}).items() if sub is False}
+        out[value] = out.get(value, frozenset()) | banned
+    return out
+
+
+def _foreign_keys(doc: Document) -> list[Problem]:
+    data: dict[str, Any] = doc.data  # type: ignore[assignment]
+    blocks: list[tuple[Path, Any, str, str]] = []
+    if isinstance(data.get("venues"), dict):
+        blocks += [(("venues", name), v, "venue", "adapter") for name, v in data["venues"].items()]
+    if isinstance(data.get("sinks"), list):
+        blocks += [(("sinks", i), s, "sink", "type") for i, s in enumerate(data["sinks"])]
+    problems = []
+    for path, block, definition, disc in blocks:
+        if not isinstance(block, dict) or not isinstance(block.get(disc), str):
+            continue
+        for key in sorted(_forbidden(definition, disc).get(block[disc], frozenset()) & block.keys()):
+            problems.append(doc.problem((*path, key), f"'{key}' is not a setting of {disc} {block[disc]}"))
+    return problems
+
+
+def _show(doc: Document, path: Path, value: object) -> str:
+    """The offending value for a message, unless it came from the environment."""
+    if tuple(path) in doc.interpolated:
+        return f"the value of ${{{doc.interpolated[tuple(path)]}}}"
+    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _translate(doc: Document, error: jsonschema.ValidationError) -> list[Problem]:
+    path: Path = tuple(error.absolute_path)
+    v, sch, inst = error.validator, error.schema, error.instance
+    if v == "additionalProperties" and isinstance(inst, dict):
+        known = list(sch.get("properties", {}))
+        extra = [k for k in inst if k not in sch.get("properties", {})]
+        out = []
+        for key in extra:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else f" (known: {', '.join(known)})"
+            out.append(doc.problem((*path, key), f"unknown key '{key}'{hint}"))
+        return out
+    if v == "required":
+        missing = [k for k in error.validator_value if isinstance(inst, dict) and k not in inst]
+        return [doc.problem(path, f"missing required key '{k}'") for k in missing]
+    if "propertyNames" in error.schema_path:  # reported at the mapping; point at the offending key
+        hint = sch.get("x-hint", "is not a valid name")
+        return [doc.problem((*path, str(inst)), f"'{inst}': {hint}")]
+    if sch is False:  # jsonschema loses the key of `key: false`; _foreign_keys reports these instead
+        return []
+    if v in ("anyOf", "oneOf"):
+        if sch.get("x-hint"):
+            if v == "oneOf" and isinstance(inst, dict) and sum(k in inst for k in OPERATORS) > 1:
+                return [doc.problem(path, "give only one of below, above, at_most, at_least")]
+            return [doc.problem(path, f"{sch['x-hint']} (got {_show(doc, path, inst)})")]
+        best = jsonschema.exceptions.best_match(error.context or [])
+        return _translate(doc, best) if best is not None else [doc.problem(path, error.message)]
+    if v == "enum":
+        choices = ", ".join(str(c) for c in error.validator_value)
+        return [doc.problem(path, f"must be one of {choices} (got {_show(doc, path, inst)})")]
+    if v == "const":
+        return [doc.problem(path, f"must be {error.validator_value!r} (got {_show(doc, path, inst)})")]
+    if v == "type":
+        want = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
+        words = " or ".join(_TYPE_NAMES.get(t, t) for t in want)
+        if "pattern" in sch:
+            words = sch.get("x-hint", words).removeprefix("must be ")
+        return [doc.problem(path, f"must be {words} (got {_yaml_type(inst)})")]
+    if v == "pattern":
+        hint = sch.get("x-hint", f"must match {error.validator_value}")
+        return [doc.problem(path, f"{hint} (got {_show(doc, path, inst)})")]
+    if v == "not":
+        return [doc.problem(path, "must be greater than zero")]
+    if v in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
+        sign = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}[v]
+        return [doc.problem(path, f"must be {sign} {error.validator_value} (got {_show(doc, path, inst)})")]
+    if v == "minItems":
+        return [doc.problem(path, f"needs at least {error.validator_value} item(s)")]
+    if v == "maxItems":
+        return [doc.problem(path, f"allows at most {error.validator_value} items")]
+    if v == "uniqueItems":
+        return [doc.problem(path, "lists the same item twice")]
+    if v == "minProperties":
+        return [doc.problem(path, f"needs at least {error.validator_value} entry")]
+    if v in ("minLength", "maxLength"):
+        return [
+            doc.problem(
+                path,
+                "must not be empty"
+                if v == "minLength"
+                else f"must be at most {error.validator_value} characters",
+            )
+        ]
+    return [doc.problem(path, doc.scrub(error.message))]
+
+
+def _at(data: object, path: Path) -> object:
+    for part in path:
+        try:
+            data = data[part]  # type: ignore[index]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------
+# Semantic checks and the typed build (the data already passed the schema)
+
+_LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
+
+
+class _SpecBuilder:
+    def __init__(self, doc: Document) -> None:
+        self.doc = doc
+        self.d: dict[str, Any] = doc.data  # type: ignore[assignment]
+        self.problems: list[Problem] = []
+
+    def err(self, path: Path, message: str) -> None:
+        self.problems.append(self.doc.problem(path, message))
+
+    def build(self) -> Spec | None:
+        d = self.d
+        defaults = d.get("defaults", {})
+        venues = tuple(self._venue(name, raw, defaults) for name, raw in d["venues"].items())
+        self._check_ccxt(venues)
+        rollout = self._rollout(d.get("rollout"), venues) if "rollout" in d else None
+        health = self._health(d.get("health", {}))
+        sinks = tuple(
+            self._sink(i, s)
+            for i, s in enumerate(d.get("sinks", [{"type": "jsonl", "path": "data/{venue}/{date}.jsonl"}]))
+        )
+        q = d.get("queue", {})
+        log = d.get("logging", {})
+        sim = d.get("simulator", {})
+        server = self._server(d.get("server", {}))
+        if self.problems:
+            return None
+        return Spec(
+            source=self.doc.file,
+            version=d["version"],
+            environment=d.get("environment", "simulator"),
+            venues=venues,
+            rollout=rollout,
+            health=health,
+            sinks=sinks,
+            queue=QueueSpec(q.get("size", 100_000), q.get("overflow", "block")),
+            server=server,
+            state_url=d.get("state", {}).get("url", "sqlite:///var/feedrunner.db"),
+            log_level=log.get("level", "INFO"),
+            log_format=log.get("format", "text"),
+            sim_seed=sim.get("seed", 1),
+            sim_rate=float(sim.get("rate", 5)),
+        )
+
+    # -- venues ----------------------------------------------------------------------------------
+
+    def _setting(
+        self, name: str, raw: dict[str, Any], defaults: dict[str, Any], fallback: Any
+    ) -> tuple[Any, Path]:
+        """A venue setting with inheritance, and the path where its value was written."""
+        vname = raw["__name__"]
+        if name in raw:
+            return raw[name], ("venues", vname, name)
+        if name in defaults:
+            return defaults[name], ("defaults", name)
+        return fallback, ("venues", vname)
+
+    def _venue(self, name: str, raw: dict[str, Any], defaults: dict[str, Any]) -> Venue:
+        raw = {**raw, "__name__": name}
+        vpath: Path = ("venues", name)
+        adapter = raw["adapter"]
+        transport, _ = self._setting("transport", raw, defaults, "websocket")
+        channels, cpath = self._setting("channels", raw, defaults, ["trades", "ticker"])
+        poll, _ = self._setting("poll_interval", raw, defaults, "1s")
+        stale_raw, spath = self._setting("stale_after", raw, defaults, "15s")
+        depth, _ = self._setting("book_depth", raw, defaults, 20)
+        backoff = self._backoff(raw, defaults)
+        cb_raw = {**defaults.get("circuit_breaker", {}), **raw.get("circuit_breaker", {})}
+        breaker = CircuitBreakerSpec(
+            cb_raw.get("failure_threshold", 5), units.duration(cb_raw.get("recovery_timeout", "60s"))
+        )
+        poll_s = units.duration(poll)
+
+        supported = ADAPTER_CHANNELS[adapter]
+        for i, ch in enumerate(channels):
+            if ch not in supported:
+                self.err(
+                    (*cpath, i),
+                    f"channel '{ch}' is not supported by adapter {adapter} "
+                    f"(supported: {', '.join(sorted(supported))})",
+                )
+        if isinstance(stale_raw, dict):
+            fallback = units.duration(stale_raw.get("default", "15s"))
+            stale = {ch: units.duration(stale_raw[ch]) if ch in stale_raw else fallback for ch in channels}
+        else:
+            stale = dict.fromkeys(channels, units.duration(stale_raw))
+        if transport in ("polling", "hybrid"):
+            for ch, s in stale.items():
+                if s <= poll_s:
+                    self.err(
+                        spath,
+                        f"stale_after for {ch} ({units.fmt_duration(s)}) must be longer than "
+                        f"poll_interval ({units.fmt_duration(poll_s)}): polled symbols would look stale",
+                    )
+
+        symbols: list[str] = []
+        contracts: dict[str, IbContract] = {}
+        first_at: dict[str, int] = {}
+        for i, item in enumerate(raw["symbols"]):
+            if isinstance(item, dict):
+                if adapter != "ib":
+                    self.err(
+                        (*vpath, "symbols", i),
+                        f"contract mappings are only for adapter ib; adapter {adapter} takes symbol strings",
+                    )
+                    continue
+                c = IbContract(
+                    item["symbol"],
+                    item.get("sec_type", "STK"),
+                    item.get("exchange", "SMART"),
+                    item.get("currency", "USD"),
+                    item.get("primary_exchange"),
+                    item.get("last_trade_date"),
+                )
+                key = c.symbol + (f"-{c.last_trade_date}" if c.last_trade_date else "")
+                contracts[key] = c
+            else:
+                key = item
+            if key in first_at:
+                self.err(
+                    (*vpath, "symbols", i), f"duplicate symbol '{key}' (also at symbols[{first_at[key]}])"
+                )
+                continue
+            first_at[key] = i
+            symbols.append(key)
+
+        if adapter == "ib":
+            lines = len(symbols) * (("ticker" in channels) + ("trades" in channels))
+            limit = raw.get("market_data_lines", 100)
+            if lines > limit:
+                self.err(
+                    (*vpath, "symbols"),
+                    f"needs {lines} market-data lines ({len(symbols)} symbols x "
+                    f"{len(channels)} channels) but market_data_lines is {limit}",
+                )
+        if adapter == "futu":
+            subs = len(symbols) * len(channels)
+            quota = raw.get("quota", 100)
+            if subs > quota:
+                self.err(
+                    (*vpath, "symbols"),
+                    f"needs {subs} subscriptions ({len(symbols)} symbols x "
+                    f"{len(channels)} channels) but the quota is {quota}",
+                )
+        creds = {k: Secret(v) for k, v in raw.get("credentials", {}).items() if v}
+        return Venue(
+            name=name,
+            adapter=adapter,
+            symbols=tuple(symbols),
+            channels=tuple(channels),
+            transport=transport,
+            poll_interval=poll_s,
+            stale_after=stale,
+            book_depth=depth,
+            backoff=backoff,
+            circuit_breaker=breaker,
+            enabled=raw.get("enabled", True),
+            exchange=raw.get("exchange"),
+            endpoints=dict(raw.get("endpoints", {})),
+            credentials=creds,
+            rate_limit=raw.get("rate_limit"),
+            trades_buffer=raw.get("trades_buffer", 1000),
+            host=raw.get("host"),
+            port=raw.get("port"),
+            client_id=raw.get("client_id"),
+            contracts=contracts,
+            market_data_lines=raw.get("market_data_lines", 100),
+            market_data_type=raw.get("market_data_type", "live"),
+            quota=raw.get("quota", 100),
+            min_subscription=units.duration(raw.get("min_subscription", "1m")),
+        )
+
+    def _backoff(self, raw: dict[str, Any], defaults: dict[str, Any]) -> Backoff:
+        mine, inherited = raw.get("backoff", {}), defaults.get("backoff", {})
+        merged = {**inherited, **mine}
+        b = Backoff(
+            base=units.duration(merged.get("base", "1s")),
+            cap=units.duration(merged.get("cap", "60s")),
+            factor=float(merged.get("factor", 2)),
+            jitter=float(merged.get("jitter", 0.2)),
+            max_attempts=int(merged.get("max_attempts", 50)),
+            reset_after=units.duration(merged.get("reset_after", "60s")),
+        )
+        if b.base > b.cap:
+            # Point at the block that wrote the conflicting value: the venue's own, else the defaults.
+            block, written = (
+                (("venues", raw["__name__"], "backoff"), mine)
+                if ("cap" in mine or "base" in mine)
+                else (("defaults", "backoff"), inherited)
+            )
+            key = "cap" if "cap" in written else "base"
+            self.err(
+                (*block, key),
+                f"cap ({units.fmt_duration(b.cap)}) must be >= base ({units.fmt_duration(b.base)})",
+            )
+        return b
+
+    def _check_ccxt(self, venues: tuple[Venue, ...]) -> None:
+        ccxt_venues = [v for v in venues if v.adapter == "ccxt" and v.enabled]
+        if not ccxt_venues:
+            return
+        rollout = self.d.get("rollout") or {}
+        rollout_on = bool(rollout) and rollout.get("enabled", True)
+        transports_of_rollout = (
+            {rollout.get("baseline", "polling"), rollout.get("target", "websocket")} if rollout_on else set()
+        )
+        for v in ccxt_venues:
+            path: Path = ("venues", v.name, "exchange")
+            info = ccxt_capabilities(v.exchange or "")
+            if info is None:
+                close = difflib.get_close_matches(v.exchange or "", ccxt_exchange_ids(), n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                self.err(path, f"'{v.exchange}' is not an exchange of the installed ccxt{hint}")
+                continue
+            pro, has_ws, has_rest = info
+            wanted = {v.transport} | transports_of_rollout
+            if wanted & {"websocket", "hybrid"}:
+                if not pro:
+                    self.err(
+                        path,
+                        f"ccxt has no websocket (ccxt.pro) support for '{v.exchange}': "
+                        "use transport: polling",
+                    )
+                else:
+                    missing = [ch for ch in v.channels if not has_ws.get(_CCXT_WATCH[ch])]
+                    if missing:
+                        self.err(
+                            path,
+                            f"ccxt.pro {v.exchange} cannot stream {', '.join(missing)} "
+                            f"({', '.join(_CCXT_WATCH[c] for c in missing)} unsupported)",
+                        )
+            if wanted & {"polling", "hybrid"}:
+                missing = [ch for ch in v.channels if not has_rest.get(_CCXT_FETCH[ch])]
+                if missing:
+                    self.err(path, f"ccxt {v.exchange} cannot poll {', '.join(missing)}")
+
+    # -- rollout ---------------------------------------------------------------------------------
+
+    def _rollout(self, r: dict[str, Any], venues: tuple[Venue, ...]) -> Rollout:
+        by_name = {v.name: v for v in venues}
+        everything = [(v.name, s) for v in venues if v.enabled for s in v.symbols]
+        baseline, target = r.get("baseline", "polling"), r.get("target", "websocket")
+        if baseline == target:
+            self.err(("rollout", "target"), f"target must differ from baseline ({baseline})")
+        phases: list[Phase] = []
+        names: dict[str, int] = {}
+        previous: set[tuple[str, str]] = set()
+        for i, p in enumerate(r["phases"]):
+            ppath: Path = ("rollout", "phases", i)
+            if p["name"] in names:
+                self.err(
+                    (*ppath, "name"), f"duplicate phase name '{p['name']}' (also phases[{names[p['name']]}])"
+                )
+            names.setdefault(p["name"], i)
+            chosen = self._select(p["symbols"], (*ppath, "symbols"), by_name, everything)
+            missing = previous - set(chosen)
+            if missing:
+                sample = ", ".join(f"{v}:{s}" for v, s in sorted(missing)[:3])
+                self.err(
+                    (*ppath, "symbols"),
+                    f"phases only grow: this phase drops {len(missing)} symbol(s) of "
+                    f"the previous one ({sample})",
+                )
+            previous |= set(chosen)
+            last = i == len(r["phases"]) - 1
+            if "dwell" not in p and not last:
+                self.err(ppath, "missing required key 'dwell' (every phase but the last needs one)")
+            dwell = units.duration(p["dwell"]) if "dwell" in p else None
+            phases.append(Phase(p["name"], tuple(chosen), dwell, p.get("approval", "auto")))
+        gates = tuple(self._condition(c, ("rollout", "gates", i)) for i, c in enumerate(r.get("gates", [])))
+        for i, g in enumerate(gates):
+            for ph in phases:
+                if ph.dwell is not None and g.window > ph.dwell:
+                    self.err(
+                        ("rollout", "gates", i, "window"),
+                        f"window ({units.fmt_duration(g.window)}) is longer than the dwell of phase "
+                        f"'{ph.name}' ({units.fmt_duration(ph.dwell)}): the gate could never fill its window",
+                    )
+                    break
+        rollback = tuple(
+            self._condition(c, ("rollout", "rollback", i)) for i, c in enumerate(r.get("rollback", []))
+        )
+        rec = r.get("recovery", {})
+        recovery = Recovery(
+            units.duration(rec.get("cooldown", "30m")),
+            rec.get("restart_from", "first"),
+            rec.get("max_attempts", 3),
+        )
+        return Rollout(r.get("enabled", True), baseline, target, tuple(phases), gates, rollback, recovery)
+
+    def _select(
+        self, sel: Any, path: Path, by_name: dict[str, Venue], everything: list[tuple[str, str]]
+    ) -> list[tuple[str, str]]:
+        if sel == "all":
+            return list(everything)
+        if isinstance(sel, dict):
+            venue = by_name.get(sel["venue"])
+            if venue is None:
+                self._unknown_venue((*path, "venue"), sel["venue"], by_name)
+                return []
+            n = sel.get("first", len(venue.symbols))
+            if n > len(venue.symbols):
+                self.err(
+                    (*path, "first"),
+                    f"asks for the first {n} symbols but venue '{venue.name}' lists {len(venue.symbols)}",
+                )
+            return [(venue.name, s) for s in venue.symbols[:n]]
+        chosen = []
+        for i, ref in enumerate(sel):
+            vname, _, symbol = ref.partition(":")
+            venue = by_name.get(vname)
+            if venue is None:
+                self._unknown_venue((*path, i), vname, by_name)
+            elif symbol not in venue.symbols:
+                close = difflib.get_close_matches(symbol, venue.symbols, n=1)
+                hint = f"; did you mean '{vname}:{close[0]}'?" if close else ""
+                self.err((*path, i), f"'{symbol}' is not a symbol of venue '{vname}'{hint}")
+            elif not venue.enabled:
+                self.err((*path, i), f"venue '{vname}' is disabled")
+            else:
+                chosen.append((vname, symbol))
+        return chosen
+
+    def _unknown_venue(self, path: Path, name: str, by_name: dict[str, Venue]) -> None:
+        close = difflib.get_close_matches(name, list(by_name), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f" (venues: {', '.join(by_name)})"
+        self.err(path, f"no venue named '{name}'{hint}")
+
+    def _condition(self, c: dict[str, Any], path: Path) -> Condition:
+        metric = c["metric"]
+        op = next(o for o in OPERATORS if o in c)
+        kind = METRIC_KINDS[metric]
+        threshold = 0.0
+        try:
+            threshold = _KIND_PARSE[kind](c[op])
+        except (ValueError, TypeError):
+            self.err(
+                (*path, op),
+                f"{metric} is compared with a {kind} like {_KIND_EXAMPLE[kind]} "
+                f"(got {_show(self.doc, (*path, op), c[op])})",
+            )
+        if kind == "ratio" and not 0 <= threshold <= 1:
+            self.err((*path, op), f"{metric} is a ratio between 0% and 100%")
+        window = units.duration(c.get("window", "5m"))
+        name = c.get("name") or f"{metric} {op.replace('_', ' ')} {c[op]}"
+        return Condition(metric, op, threshold, window, c.get("min_samples", 1), name)
+
+    # -- the rest --------------------------------------------------------------------------------
+
+    def _health(self, h: dict[str, Any]) -> Health:
+        checks = tuple(self._condition(c, ("health", "checks", i)) for i, c in enumerate(h.get("checks", [])))
+        hook = h.get("alerts", {}).get("webhook")
+        webhook = None
+        if isinstance(hook, str) and hook:
+            webhook = Webhook(Secret(hook))
+        elif isinstance(hook, dict) and hook["url"]:
+            webhook = Webhook(
+                Secret(hook["url"]), units.duration(hook.get("timeout", "5s")), hook.get("max_attempts", 5)
+            )
+        return Health(units.duration(h.get("interval", "15s")), checks, webhook)
+
+    def _sink(self, i: int, s: dict[str, Any]) -> Sink:
+        path = s.get("path")
+        if path is not None:
+            try:
+                fields = {f for _, f, _, _ in string.Formatter().parse(path) if f is not None}
+            except ValueError as exc:
+                self.err(("sinks", i, "path"), f"bad template: {exc}")
+                fields = set()
+            unknown = fields - SINK_FIELDS
+            if unknown:
+                self.err(
+                    ("sinks", i, "path"),
+                    f"unknown placeholder(s) {', '.join('{' + f + '}' for f in sorted(unknown))}"
+                    f"; use {', '.join('{' + f + '}' for f in sorted(SINK_FIELDS))}",
+                )
+        return Sink(
+            s["type"],
+            path,
+            units.duration(s.get("flush_interval", "1s")),
+            s.get("max_open_files", 64),
+            tuple(s.get("kinds", ("trade", "ticker", "book"))),
+        )
+
+    def _server(self, s: dict[str, Any]) -> Server:
+        listen = s.get("listen", "127.0.0.1:9108")
+        host, _, port_text = listen.rpartition(":")
+        port = int(port_text)
+        if port > 65535:
+            self.err(("server", "listen"), f"port {port} is out of range (0-65535)")
+        token = Secret(s["token"]) if s.get("token") else None
+        if s.get("enabled", True) and not _is_loopback(host) and token is None:
+            self.err(
+                ("server", "listen"),
+                f"listening on {host} (not loopback) requires server.token, "
+                "e.g. token: ${FEEDRUNNER_TOKEN}",
+            )
+        return Server(s.get("enabled", True), host.strip("[]"), port, token)
+
+
+def _is_loopback(host: str) -> bool:
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------
+# ccxt facts, looked up once per process
+
+
+@functools.cache
+def ccxt_exchange_ids() -> tuple[str, ...]:
+    import ccxt
+
+    return tuple(ccxt.exchanges)
+
+
+@functools.cache
+def ccxt_capabilities(exchange: str) -> tuple[bool, dict[str, Any], dict[str, Any]] | None:
+    """(has ccxt.pro, ccxt.pro `has`, REST `has`) for an exchange id, or None if ccxt lacks it."""
+    if exchange not in ccxt_exchange_ids():
+        return None
+    import ccxt
+    import ccxt.pro
+
+    rest = dict(getattr(ccxt, exchange)().has)
+    if exchange in ccxt.pro.exchanges:
+        return True, dict(getattr(ccxt.pro, exchange)().has), rest
+    return False, {}, rest
+
+
+def describe(spec: Spec) -> str:
+    """A readable plan of what `run` would do; never prints a secret."""
+    lines = [f"{spec.source}: valid ({spec.environment})"]
+    for v in spec.venues:
+        state = "" if v.enabled else "  [disabled]"
+        where = v.exchange if v.adapter == "ccxt" else f"{v.host or '127.0.0.1'}:{v.port or '-'}"
+        lines.append(
+            f"  venue {v.name}: {v.adapter} {where}, {len(v.symbols)} symbols, "
+            f"channels {','.join(v.channels)}, transport {v.transport}{state}"
+        )
+        shown = ", ".join(v.symbols[:12]) + (f", ... (+{len(v.symbols) - 12})" if len(v.symbols) > 12 else "")
+        lines.append(f"    {shown}")
+    if spec.rollout and spec.rollout.enabled:
+        r = spec.rollout
+        lines.append(f"  rollout: {r.baseline} -> {r.target}, {len(r.phases)} phases")
+        for p in r.phases:
+            dwell = units.fmt_duration(p.dwell) if p.dwell is not None else "until done"
+            approval = ", manual approval" if p.approval == "manual" else ""
+            lines.append(f"    {p.name}: {len(p.symbols)} symbols, dwell {dwell}{approval}")
+        lines.append(f"    gates: {'; '.join(g.name for g in r.gates) or 'none'}")
+        lines.append(f"    rollback: {'; '.join(g.name for g in r.rollback) or 'none'}")
+    sinks = ", ".join(s.type + (f" {s.path}" if s.path else "") for s in spec.sinks)
+    lines.append(f"  sinks: {sinks}; queue {spec.queue.size} ({spec.queue.overflow})")
+    lines.append(
+        f"  server: {spec.server.host}:{spec.server.port}" if spec.server.enabled else "  server: off"
+    )
+    return "\n".join(lines)
+
+
+__all__ = [
+    "Problem",
+    "Secret",
+    "Spec",
+    "SpecError",
+    "Venue",
+    "check_file",
+    "check_text",
+    "describe",
+    "format_path",
+    "load_spec",
+    "schema",
+]
