@@ -19,6 +19,7 @@ from pathlib import Path as FsPath
 from typing import Any, Literal
 
 import jsonschema
+import yaml
 
 from feedrunner import units
 from feedrunner.yamlsource import MAX_BYTES, Document, Path, Problem, format_path, load
@@ -278,7 +279,7 @@ def check_text(
 ) -> tuple[Spec | None, list[Problem]]:
     doc, problems = load(source, file, env)
     if doc.data is None:
-        return None, problems
+        return None, problems or [Problem(file, 1, 1, "", "the document is empty (null)")]
     if not isinstance(doc.data, dict):
         return None, [doc.problem((), "the top level must be a mapping of keys (version, venues, ...)")]
     # Interpolation and duplicate-key problems do not stop the checks: an operator sees everything at once.
@@ -333,6 +334,7 @@ def _yaml_type(value: object) -> str:
 
 
 def _schema_problems(doc: Document) -> list[Problem]:
+    _coerce_interpolated(doc)
     problems = _foreign_keys(doc)
     for error in _validator().iter_errors(doc.data):
         path = tuple(error.absolute_path)
@@ -340,6 +342,32 @@ def _schema_problems(doc: Document) -> list[Problem]:
             continue  # already reported where it broke (an unset variable, a duplicate key)
         problems.extend(_translate(doc, error))
     return problems
+
+
+def _coerce_interpolated(doc: Document) -> None:
+    """Give ${VAR} values the type the schema wants there: port: "${IB_PORT}" is a number."""
+    if not doc.interpolated:
+        return
+    for error in _validator().iter_errors(doc.data):
+        path = tuple(error.absolute_path)
+        if error.validator != "type" or path not in doc.interpolated or not isinstance(error.instance, str):
+            continue
+        wanted = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
+        try:
+            value = yaml.safe_load(error.instance)
+        except yaml.YAMLError:
+            continue
+        for t in wanted:
+            if t == "boolean":
+                fits = isinstance(value, bool)
+            else:
+                fits = isinstance(value, int | float) and not isinstance(value, bool)
+                fits = fits and (t == "number" or isinstance(value, int))
+            if fits:
+                parent = _at(doc.data, path[:-1])
+                if isinstance(parent, dict | list):
+                    parent[path[-1]] = value  # type: ignore[index]
+                break
 
 
 @functools.cache
@@ -398,6 +426,9 @@ def _translate(doc: Document, error: jsonschema.ValidationError) -> list[Problem
     if sch is False:  # jsonschema loses the key of `key: false`; _foreign_keys reports these instead
         return []
     if v in ("anyOf", "oneOf"):
+        inner = [c for c in error.context or [] if len(c.absolute_path) > len(path)]
+        if inner:  # the value has the right shape but something inside it is wrong: say what
+            return _translate(doc, jsonschema.exceptions.best_match(inner))
         if sch.get("x-hint"):
             if v == "oneOf" and isinstance(inst, dict) and sum(k in inst for k in OPERATORS) > 1:
                 return [doc.problem(path, "give only one of below, above, at_most, at_least")]

@@ -23,6 +23,10 @@ MAX_NODES = 500_000  # after alias expansion
 MAX_DEPTH = 64
 
 _VAR = re.compile(r"\$\$|\$\{([^}]*)\}|\$\{")
+_PLAIN_TAGS = frozenset(
+    f"tag:yaml.org,2002:{t}"
+    for t in ("map", "seq", "str", "int", "float", "bool", "null", "timestamp", "merge")
+)
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -100,7 +104,6 @@ class _Builder:
         self.nodes = 0
         self.problems: list[Problem] = []
         self._constructor = yaml.constructor.SafeConstructor()
-        self._resolver = yaml.resolver.Resolver()
 
     def add(self, path: Path, mark: yaml.Mark | None, message: str) -> None:
         self.doc.broken.add(path)
@@ -114,6 +117,9 @@ class _Builder:
         if depth > MAX_DEPTH:
             raise _Budget(f"nesting deeper than {MAX_DEPTH} levels")
         self.doc.marks.setdefault(path, (node.start_mark.line + 1, node.start_mark.column + 1))
+        if node.tag not in _PLAIN_TAGS:
+            self.add(path, node.start_mark, f"unsupported YAML tag {node.tag}")
+            return None
         if isinstance(node, yaml.MappingNode):
             return self._mapping(node, path, depth)
         if isinstance(node, yaml.SequenceNode):
@@ -152,15 +158,10 @@ class _Builder:
         return out
 
     def _scalar(self, node: yaml.ScalarNode, path: Path) -> object:
-        text = node.value
-        if node.tag == "tag:yaml.org,2002:str" and "$" in text:
-            whole = node.style is None and re.fullmatch(r"\$\{[^}]*\}", text) is not None
-            text = self._interpolate(text, path, node.start_mark)
-            if whole:  # an unquoted ${VAR} takes the type its value has in YAML: port: ${PORT}
-                tag = self._resolver.resolve(yaml.ScalarNode, text, (True, False))
-                return self._construct(yaml.ScalarNode(tag, text), path, text)
-            return text
-        return self._construct(node, path, text)
+        if node.tag == "tag:yaml.org,2002:str" and "$" in node.value:
+            # Always a string here; spec coerces it where the schema wants a number or a boolean.
+            return self._interpolate(node.value, path, node.start_mark)
+        return self._construct(node, path, node.value)
 
     def _construct(self, node: yaml.ScalarNode, path: Path, text: str) -> object:
         try:
@@ -212,6 +213,22 @@ class _Builder:
         return out
 
 
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_OPEN = (yaml.MappingStartEvent, yaml.SequenceStartEvent)
+_CLOSE = (yaml.MappingEndEvent, yaml.SequenceEndEvent)
+
+
+def _check_depth(source: str) -> None:
+    depth = 0
+    for event in yaml.parse(source, Loader=_LOADER):
+        if isinstance(event, _OPEN):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise _Budget(f"nesting deeper than {MAX_DEPTH} levels")
+        elif isinstance(event, _CLOSE):
+            depth -= 1
+
+
 def load(
     source: str | bytes, file: str, env: Mapping[str, str] | None = None
 ) -> tuple[Document, list[Problem]]:
@@ -237,7 +254,8 @@ def load(
         return doc, [Problem(file, 0, 0, "", f"file is too large (at most {MAX_BYTES // (1024 * 1024)} MiB)")]
     builder = _Builder(doc, os.environ if env is None else env)
     try:
-        node = yaml.compose(source, Loader=yaml.SafeLoader)
+        _check_depth(source)  # libyaml's composer recurses in C: a deep document would crash it
+        node = yaml.compose(source, Loader=_LOADER)
         if node is None:
             return doc, [Problem(file, 1, 1, "", "the file is empty; start from the shipped feeds.yaml")]
         doc.data = builder.build(node, ())
@@ -246,6 +264,20 @@ def load(
         line, col = (mark.line + 1, mark.column + 1) if mark else (0, 0)
         what = " ".join(str(x) for x in (exc.context, exc.problem) if x)
         return doc, [Problem(file, line, col, "", f"YAML syntax error: {what}")]
+    except yaml.reader.ReaderError as exc:
+        text = source if isinstance(source, str) else ""
+        line = text.count("\n", 0, exc.position) + 1
+        col = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        char = chr(exc.character) if isinstance(exc.character, int) else exc.character
+        return doc, [
+            Problem(
+                file,
+                line,
+                col,
+                "",
+                f"YAML syntax error: character {char!r} is not allowed",
+            )
+        ]
     except yaml.YAMLError as exc:
         return doc, [Problem(file, 0, 0, "", f"YAML error: {exc}")]
     except _Budget as exc:

@@ -1,0 +1,20 @@
+"""`make bench`: run every benchmark, print its table, write bench/results/latest.json."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHMARKS = ["bench.spec_validate"]
+
+
+def main(argv: list[str]) -> int:
+    chosen = [b for b in BENCHMARKS if not argv or any(a in b for a in argv)]
+    for name in chosen:
+        print(f"== {name}")
+        importlib.import_module(name).main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
