@@ -1,0 +1,1 @@
+"""One module per venue family behind the contract in base.py."""

@@ -1,0 +1,208 @@
+"""The adapter contract every venue family implements, and the bookkeeping they all share.
+
+The runner hands an adapter the *desired* transport per symbol (`apply`); the adapter owns the *actual*
+state and converges on it by itself, across reconnects. The circuit breakers live here, not in each
+venue module, so the breaker override (open -> polling) is one rule for every venue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from loguru import logger
+
+from feedrunner.events import Event, Trade
+from feedrunner.metrics import Metrics
+from feedrunner.resilience import (
+    BREAKER_VALUE,
+    BackoffTimer,
+    BreakerState,
+    CircuitBreaker,
+    ConnState,
+    StateMachine,
+    Watchdog,
+)
+from feedrunner.spec import Venue
+
+Emit = Callable[[Event], Awaitable[None]]
+
+
+class Adapter(ABC):
+    """start / stop / apply(wanted) / status; network failures never escape an adapter."""
+
+    def __init__(self, venue: Venue, emit: Emit, metrics: Metrics) -> None:
+        self.venue = venue
+        self.name = venue.name
+        self.emit = emit
+        self.metrics = metrics
+        self.conn = StateMachine(venue.name, on_change=self._on_state)
+        self.breaker = CircuitBreaker(venue.name, venue.circuit_breaker, on_change=self._on_breaker)
+        self.symbol_breakers: dict[str, CircuitBreaker] = {}
+        self.backoff = BackoffTimer(venue.backoff)
+        self.watchdog = Watchdog()
+        self.wanted: dict[str, str] = {}
+        self.quarantined: dict[str, str] = {}
+        self.changed = asyncio.Event()
+        self.stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        for state in ConnState:
+            metrics.connection_state.labels(venue.name, state.value).set(0)
+        metrics.connection_state.labels(venue.name, ConnState.DISCONNECTED.value).set(1)
+        metrics.connection_up.labels(venue.name).set(0)
+        metrics.circuit_state.labels(venue.name, "venue").set(0)
+
+    # -- the contract ------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def run(self) -> None:
+        """Connect, converge on the wanted subscriptions, and keep them alive until `stopping` is set."""
+
+    async def start(self) -> None:
+        self.spawn(self.run(), f"{self.name}-main")
+
+    async def stop(self) -> None:
+        self.stopping.set()
+        self.changed.set()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.close()
+        self.conn.move(ConnState.DISCONNECTED, "stopped")
+
+    async def close(self) -> None:
+        """Release the client library's resources."""
+
+    def apply(self, wanted: Mapping[str, str]) -> None:
+        """Desired transport per symbol; idempotent. Symbols absent are unsubscribed."""
+        new = dict(wanted)
+        if new != self.wanted:
+            self.wanted = new
+            self.changed.set()
+
+    def effective(self, symbol: str) -> str | None:
+        """What a symbol should use right now: quarantine, then breakers, then the desired transport."""
+        want = self.wanted.get(symbol)
+        if want is None or symbol in self.quarantined:
+            return None
+        if want in ("websocket", "hybrid") and not (
+            self.breaker.allows_streaming and self.symbol_breaker(symbol).allows_streaming
+        ):
+            return "polling"
+        return want
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "venue": self.name,
+            "adapter": self.venue.adapter,
+            "state": self.conn.state.value,
+            "reason": self.conn.reason,
+            "since": self.conn.since,
+            "breaker": self.breaker.state.value,
+            "symbols": {s: self.effective(s) for s in self.wanted},
+            "quarantined": dict(self.quarantined),
+            "open_symbol_breakers": sorted(
+                s for s, b in self.symbol_breakers.items() if b.state is not BreakerState.CLOSED
+            ),
+        }
+
+    # -- shared helpers ----------------------------------------------------------------------------
+
+    def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._reap)
+        return task
+
+    def _reap(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.opt(exception=task.exception()).error(
+                "venue {} task {} crashed", self.name, task.get_name()
+            )
+
+    def symbol_breaker(self, symbol: str) -> CircuitBreaker:
+        b = self.symbol_breakers.get(symbol)
+        if b is None:
+            b = self.symbol_breakers[symbol] = CircuitBreaker(
+                f"{self.name}:{symbol}", self.venue.circuit_breaker, on_change=self._on_breaker
+            )
+        return b
+
+    def quarantine(self, symbol: str, reason: str) -> None:
+        if symbol not in self.quarantined:
+            self.quarantined[symbol] = reason
+            logger.error("venue {} symbol {} quarantined: {}", self.name, symbol, reason)
+            self.metrics.errors.labels(self.name, "bad_symbol").inc()
+            self.metrics.quarantined.labels(self.name).set(len(self.quarantined))
+            self.changed.set()
+
+    def _on_state(self, venue: str, old: ConnState, new: ConnState, reason: str) -> None:
+        self.metrics.connection_state.labels(venue, old.value).set(0)
+        self.metrics.connection_state.labels(venue, new.value).set(1)
+        self.metrics.connection_up.labels(venue).set(
+            1 if new in (ConnState.CONNECTED, ConnState.DEGRADED) else 0
+        )
+
+    def _on_breaker(self, breaker: CircuitBreaker, old: BreakerState, new: BreakerState, reason: str) -> None:
+        scope = "venue" if breaker is self.breaker else "symbol"
+        log = logger.warning if new is BreakerState.OPEN else logger.info
+        log("venue {} breaker {} {} -> {}: {}", self.name, breaker.name, old.value, new.value, reason)
+        if scope == "venue":
+            self.metrics.circuit_state.labels(self.name, "venue").set(BREAKER_VALUE[new])
+        else:
+            worst = max((BREAKER_VALUE[b._state] for b in self.symbol_breakers.values()), default=0)
+            self.metrics.circuit_state.labels(self.name, "symbol").set(worst)
+        self.changed.set()
+
+
+class TradeContinuity:
+    """Per-symbol trade ids: drops duplicates and finds gaps, so missed trades are backfilled or counted.
+
+    With contiguous ids (Binance: every trade of a symbol gets the next id) a gap is exact. Otherwise
+    only duplicates are caught, through a bounded set of recent ids.
+    """
+
+    def __init__(self, contiguous: bool, recent: int = 4096) -> None:
+        self.contiguous = contiguous
+        self.last: dict[str, int] = {}
+        self.last_ts: dict[str, int] = {}
+        self._recent: dict[str, OrderedDict[str, None]] = {}
+        self._recent_cap = recent
+
+    def check(self, trade: Trade) -> tuple[bool, int]:
+        """(is new, number of trades missing before it)."""
+        tid = trade.id
+        if tid is None:
+            return True, 0
+        if self.contiguous and tid.isdigit():
+            n = int(tid)
+            last = self.last.get(trade.symbol)
+            if last is not None and n <= last:
+                return False, 0
+            self.last[trade.symbol] = n
+            if trade.ts_exchange:
+                self.last_ts[trade.symbol] = trade.ts_exchange
+            return True, (n - last - 1) if last is not None else 0
+        seen = self._recent.setdefault(trade.symbol, OrderedDict())
+        if tid in seen:
+            return False, 0
+        seen[tid] = None
+        if len(seen) > self._recent_cap:
+            seen.popitem(last=False)
+        if trade.ts_exchange:
+            self.last_ts[trade.symbol] = trade.ts_exchange
+        return True, 0
+
+
+def now_ns() -> int:
+    return time.time_ns()

@@ -1,0 +1,574 @@
+"""Any ccxt exchange: websocket through ccxt.pro `watch_*`, polling through `fetch_*`.
+
+ccxt neither reconnects in the background nor backs off: the next watch_* call reconnects. So each
+channel is one loop that calls watch_*, and every failure goes through one place (`_ws_failed`) that
+classifies it, feeds the breakers and sets a shared retry time from the venue's backoff, so several
+channel loops failing together count as one reconnect. A connected stream that goes silent is never
+noticed by ccxt; our watchdog finds it and closes the socket so the loop reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import urlsplit
+
+import ccxt
+import ccxt.pro
+from loguru import logger
+
+from feedrunner.adapters.base import Adapter, Emit, TradeContinuity, now_ns
+from feedrunner.events import Book, Ticker, Trade, ms_to_ns
+from feedrunner.metrics import Metrics
+from feedrunner.resilience import Classified, ConnState, ErrorKind, sleep_or_stop
+from feedrunner.spec import Venue
+
+CHUNK = 100  # symbols per multi-symbol watch call (Binance accepts 200 at most)
+CONTIGUOUS_TRADE_IDS = frozenset({"binance", "binanceus", "binanceusdm", "binancecoinm"})
+
+
+def classify(exc: BaseException) -> Classified:
+    """Map a ccxt (or socket) exception onto the response DESIGN.md prescribes."""
+    if isinstance(exc, ccxt.RateLimitExceeded | ccxt.DDoSProtection):
+        return Classified(ErrorKind.RATE_LIMIT)
+    if isinstance(exc, ccxt.AuthenticationError | ccxt.PermissionDenied | ccxt.AccountSuspended):
+        return Classified(ErrorKind.AUTH)
+    if isinstance(exc, ccxt.BadSymbol):
+        return Classified(ErrorKind.BAD_SYMBOL)
+    if isinstance(exc, ccxt.NetworkError | OSError | TimeoutError | asyncio.TimeoutError):
+        return Classified(ErrorKind.NETWORK)
+    return Classified(ErrorKind.UNKNOWN)
+
+
+def rebase(urls: Any, rest: str | None, ws: str | None) -> Any:
+    """Point every URL of a ccxt `urls['api']` tree at new base URLs, keeping each path."""
+    if isinstance(urls, dict):
+        return {k: rebase(v, rest, ws) for k, v in urls.items()}
+    if isinstance(urls, str) and "://" in urls:
+        base = ws if urls.startswith("ws") else rest
+        if base:
+            parts = urlsplit(urls)
+            return base.rstrip("/") + parts.path + (f"?{parts.query}" if parts.query else "")
+    return urls
+
+
+def _chunks(items: list[str], n: int = CHUNK) -> Iterable[list[str]]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+class CcxtAdapter(Adapter):
+    def __init__(self, venue: Venue, emit: Emit, metrics: Metrics) -> None:
+        super().__init__(venue, emit, metrics)
+        self.exchange: Any = None
+        self.continuity = TradeContinuity(contiguous=venue.exchange in CONTIGUOUS_TRADE_IDS)
+        self._retry_at = 0.0  # monotonic time before which no loop may reconnect
+        self._ws_sets: dict[str, tuple[str, ...]] = {}  # loop name -> symbols it serves
+        self._loops: dict[str, asyncio.Task[Any]] = {}
+        self._last_error = ""
+        self._seen_stamp: dict[tuple[str, str], Any] = {}  # last ticker timestamp / book nonce emitted
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def _client(self) -> Any:
+        v = self.venue
+        cls = getattr(ccxt.pro, v.exchange)
+        config: dict[str, Any] = {
+            "enableRateLimit": v.rate_limit if v.rate_limit is not None else not v.endpoints,
+            "options": {"tradesLimit": v.trades_buffer},
+        }
+        for key, field in (("apiKey", "api_key"), ("secret", "secret"), ("password", "password")):
+            if field in v.credentials:
+                config[key] = v.credentials[field].reveal()
+        client = cls(config)
+        if v.endpoints:
+            client.urls["api"] = rebase(client.urls["api"], v.endpoints.get("rest"), v.endpoints.get("ws"))
+            if v.exchange.startswith("binance"):
+                # A testnet, proxy or simulator serves spot only: one exchangeInfo request, no sapi calls.
+                client.options["fetchMarkets"] = {"types": ["spot"]}
+                client.options["fetchCurrencies"] = False
+        if v.exchange.startswith("binance"):
+            client.options["fetchTradesMethod"] = "publicGetHistoricalTrades"  # trade ids, and fromId works
+        return client
+
+    async def close(self) -> None:
+        if self.exchange is not None:
+            with contextlib.suppress(Exception):
+                await self.exchange.close()
+
+    async def run(self) -> None:
+        self.exchange = self._client()
+        if not await self._load_markets():
+            return
+        self.conn.move(ConnState.CONNECTED, "markets loaded")
+        self.spawn(self._watchdog(), f"{self.name}-watchdog")
+        while not self.stopping.is_set():
+            self.changed.clear()
+            self._reconcile()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), timeout=0.5)  # breakers move with time too
+
+    async def _load_markets(self) -> bool:
+        self.conn.move(ConnState.CONNECTING, "loading markets")
+        while not self.stopping.is_set():
+            try:
+                await self.exchange.load_markets()
+                self.backoff.connected()
+                return True
+            except Exception as exc:  # every failure is classified; none escapes
+                c = classify(exc)
+                self._count(c, exc, None)
+                if c.kind is ErrorKind.AUTH:
+                    self._fail_auth(exc)
+                    return False
+                if self.backoff.exhausted:
+                    self.conn.move(ConnState.FAILED, f"gave up after {self.backoff.attempts} attempts: {exc}")
+                    return False
+                delay = self._delay(c)
+                self.conn.move(
+                    ConnState.RECONNECTING,
+                    f"load_markets failed ({c.kind}): {_short(exc)}; retry in {delay:.1f}s",
+                )
+                if await sleep_or_stop(delay, self.stopping):
+                    return False
+        return False
+
+    # -- reconcile: desired transports -> loops ------------------------------------------------------
+
+    def _reconcile(self) -> None:
+        by_transport: dict[str, list[str]] = {"websocket": [], "polling": [], "hybrid": []}
+        for symbol in self.wanted:
+            eff = self.effective(symbol)
+            if eff is not None and symbol not in self.quarantined:
+                by_transport[eff].append(symbol)
+        for symbol in list(self.wanted):
+            if symbol not in self.exchange.markets and symbol not in self.quarantined:
+                self.quarantine(symbol, f"not a market of {self.venue.exchange}")
+                by_transport = {k: [s for s in v if s != symbol] for k, v in by_transport.items()}
+        streaming = sorted(by_transport["websocket"] + by_transport["hybrid"])
+        polling = sorted(by_transport["polling"] + by_transport["hybrid"])
+        wanted_loops: dict[str, tuple[str, ...]] = {}
+        for channel in self.venue.channels:
+            for i, chunk in enumerate(_chunks(streaming)):
+                wanted_loops[f"ws:{channel}:{i}"] = tuple(chunk)
+            for symbol in polling:
+                if channel == "trades" or symbol not in by_transport["hybrid"]:
+                    wanted_loops[f"poll:{channel}:{symbol}"] = (symbol,)
+        for name in list(self._loops):
+            if self._ws_sets.get(name) != wanted_loops.get(name):
+                self._stop_loop(name)
+        for name, symbols in wanted_loops.items():
+            if name not in self._loops:
+                self._start_loop(name, symbols)
+        for transport in ("websocket", "polling", "hybrid"):
+            self.metrics.symbols.labels(self.name, transport).set(len(by_transport[transport]))
+        if self.conn.state is ConnState.CONNECTED and (
+            self.quarantined or any(self.effective(s) != self.wanted[s] for s in self.wanted)
+        ):
+            self.conn.move(ConnState.DEGRADED, "some symbols quarantined or on fallback")
+        elif (
+            self.conn.state is ConnState.DEGRADED
+            and not self.quarantined
+            and all(self.effective(s) == self.wanted[s] for s in self.wanted)
+        ):
+            self.conn.move(ConnState.CONNECTED, "all symbols on their desired transport")
+
+    def _start_loop(self, name: str, symbols: tuple[str, ...]) -> None:
+        kind, channel, _ = name.split(":", 2)
+        transport = "websocket" if kind == "ws" else "polling"
+        for s in symbols:
+            if transport == "websocket":
+                self.watchdog.arm((s, channel), self.venue.stale_after[channel])
+        coro = self._ws_loop(channel, list(symbols)) if kind == "ws" else self._poll_loop(channel, symbols[0])
+        self._loops[name] = self.spawn(coro, f"{self.name}-{name}")
+        self._ws_sets[name] = symbols
+        logger.info("venue {} subscribe {} {} {}", self.name, transport, channel, ",".join(symbols))
+
+    def _stop_loop(self, name: str) -> None:
+        task = self._loops.pop(name)
+        symbols = self._ws_sets.pop(name)
+        task.cancel()
+        kind, channel, _ = name.split(":", 2)
+        if kind == "ws":
+            for s in symbols:
+                self.watchdog.disarm((s, channel))
+        logger.info(
+            "venue {} unsubscribe {} {} {}",
+            self.name,
+            "websocket" if kind == "ws" else "polling",
+            channel,
+            ",".join(symbols),
+        )
+
+    # -- websocket ---------------------------------------------------------------------------------
+
+    async def _ws_loop(self, channel: str, symbols: list[str]) -> None:
+        ex = self.exchange
+        depth = self.venue.book_depth
+        while not self.stopping.is_set():
+            if await self._wait_retry():
+                return
+            try:
+                if channel == "trades":
+                    await self._on_trades(await ex.watch_trades_for_symbols(symbols), "websocket")
+                elif channel == "ticker":
+                    await ex.watch_tickers(symbols, {"name": "ticker"})
+                else:
+                    await ex.watch_order_book_for_symbols(symbols, depth)
+                await self._sweep(channel, symbols)
+                self._ws_ok()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                await self._ws_failed(exc, symbols)
+
+    async def _sweep(self, channel: str, symbols: list[str]) -> None:
+        """Take every symbol's news from ccxt's caches, not only the one symbol a watch call returned.
+
+        A multi-symbol watch resolves with one symbol; updates of the others that arrived in the same
+        read stay in the caches, unreported, until their symbol happens to resolve a later call.
+        """
+        ex = self.exchange
+        for symbol in symbols:
+            if channel == "trades":
+                cache = ex.trades.get(symbol) if isinstance(ex.trades, dict) else None
+                n = cache.getLimit(symbol, None) if cache else 0
+                if n:
+                    await self._on_trades(list(cache[-n:]), "websocket")
+            elif channel == "ticker":
+                t = ex.tickers.get(symbol)
+                if t is not None and t.get("timestamp") != self._seen_stamp.get(("ticker", symbol)):
+                    self._seen_stamp[("ticker", symbol)] = t.get("timestamp")
+                    await self._on_ticker(t, "websocket")
+            else:
+                ob = ex.orderbooks.get(symbol)
+                if (
+                    ob is not None
+                    and ob.get("nonce") is not None
+                    and ob["nonce"] != self._seen_stamp.get(("book", symbol))
+                ):
+                    self._seen_stamp[("book", symbol)] = ob["nonce"]
+                    await self._on_book(ob, "websocket")
+
+    def _ws_ok(self) -> None:
+        if self.conn.state in (ConnState.RECONNECTING, ConnState.CONNECTING):
+            self.conn.move(ConnState.CONNECTED, "streaming")
+        self.backoff.connected()
+        self.backoff.tick()
+        if self.breaker.state.value != "closed" or self.breaker.failures:
+            self.breaker.success()
+
+    async def _ws_failed(self, exc: BaseException, symbols: list[str]) -> None:
+        c = classify(exc)
+        if c.kind is ErrorKind.BAD_SYMBOL:
+            bad = [s for s in symbols if s in str(exc) or self.exchange.market_id(s) in str(exc)] or symbols[
+                :1
+            ]
+            for s in bad:
+                self.quarantine(s, _short(exc))
+            return
+        if c.kind is ErrorKind.AUTH:
+            self._count(c, exc, None)
+            self._fail_auth(exc)
+            return
+        now = time.monotonic()
+        if now < self._retry_at:
+            return  # another loop already counted this outage and set the retry time
+        self._count(c, exc, None)
+        self.breaker.failure(f"{c.kind}: {_short(exc)}")
+        self.metrics.reconnects.labels(self.name).inc()
+        if self.backoff.exhausted:
+            self.conn.move(ConnState.FAILED, f"gave up after {self.backoff.attempts} attempts: {_short(exc)}")
+            self.stopping.set()
+            return
+        delay = self._delay(c)
+        self._retry_at = now + delay
+        self.conn.move(ConnState.RECONNECTING, f"{c.kind}: {_short(exc)}; retry in {delay:.2f}s")
+
+    async def _wait_retry(self) -> bool:
+        delay = self._retry_at - time.monotonic()
+        return delay > 0 and await sleep_or_stop(delay, self.stopping)
+
+    def _delay(self, c: Classified) -> float:
+        delay = self.backoff.next_delay()
+        if c.kind is ErrorKind.RATE_LIMIT:
+            retry_after = _retry_after(self.exchange)
+            if retry_after is not None:
+                delay = max(delay, retry_after)
+        return delay
+
+    async def _watchdog(self) -> None:
+        """Close the socket under a silent subscription so its loop reconnects; count the stall."""
+        while not self.stopping.is_set():
+            await asyncio.sleep(0.25)
+            stale = self.watchdog.stale()
+            if not stale:
+                continue
+            for (symbol, channel), silence in stale:
+                logger.warning(
+                    "venue {} {} {} silent for {:.1f}s (stale_after {:g}s)",
+                    self.name,
+                    symbol,
+                    channel,
+                    silence,
+                    self.venue.stale_after[channel],
+                )
+                self.metrics.stalls.labels(self.name, channel).inc()
+                self.symbol_breaker(symbol).failure(f"{channel} silent {silence:.1f}s")
+                self.watchdog.seen((symbol, channel))  # re-arm: one stall, one count
+            self.breaker.failure("stream stalled")
+            self.metrics.reconnects.labels(self.name).inc()
+            self.conn.move(ConnState.RECONNECTING, f"{len(stale)} subscription(s) stalled; reconnecting")
+            await self._drop_ws_clients()
+            self.changed.set()
+
+    async def _drop_ws_clients(self) -> None:
+        for client in list(getattr(self.exchange, "clients", {}).values()):
+            with contextlib.suppress(Exception):
+                await client.close()
+
+    # -- polling -----------------------------------------------------------------------------------
+
+    async def _poll_loop(self, channel: str, symbol: str) -> None:
+        ex = self.exchange
+        interval = self.venue.poll_interval
+        failures = 0
+        while not self.stopping.is_set():
+            started = time.monotonic()
+            try:
+                if channel == "trades":
+                    await self._poll_trades(symbol)
+                elif channel == "ticker":
+                    await self._on_ticker(await ex.fetch_ticker(symbol), "polling")
+                else:
+                    await self._on_book(await ex.fetch_order_book(symbol, self._book_limit()), "polling")
+                failures = 0
+                if (
+                    self.conn.state in (ConnState.RECONNECTING, ConnState.CONNECTING)
+                    and not self._streaming()
+                ):
+                    self.conn.move(ConnState.CONNECTED, "polling")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                c = classify(exc)
+                self._count(c, exc, symbol)
+                if c.kind is ErrorKind.BAD_SYMBOL:
+                    self.quarantine(symbol, _short(exc))
+                    return
+                if c.kind is ErrorKind.AUTH:
+                    self._fail_auth(exc)
+                    return
+                failures += 1
+                wait = min(
+                    self.venue.backoff.cap,
+                    self.venue.backoff.base * self.venue.backoff.factor ** (failures - 1),
+                )
+                if c.kind is ErrorKind.RATE_LIMIT:
+                    wait = max(wait, _retry_after(ex) or 0.0)
+                logger.warning(
+                    "venue {} poll {} {} failed ({}): {}; next in {:.1f}s",
+                    self.name,
+                    channel,
+                    symbol,
+                    c.kind,
+                    _short(exc),
+                    wait,
+                )
+                if await sleep_or_stop(wait, self.stopping):
+                    return
+                continue
+            if await sleep_or_stop(interval - (time.monotonic() - started), self.stopping):
+                return
+
+    def _streaming(self) -> bool:
+        return any(name.startswith("ws:") for name in self._loops)
+
+    def _book_limit(self) -> int:
+        depth = self.venue.book_depth
+        for allowed in (5, 10, 20, 50, 100, 500, 1000, 5000):  # Binance accepts only these limits
+            if depth <= allowed:
+                return allowed
+        return depth
+
+    async def _poll_trades(self, symbol: str) -> None:
+        last = self.continuity.last.get(symbol)
+        if last is None:
+            trades = await self.exchange.fetch_trades(symbol, limit=1)  # start from now, like a stream would
+        else:
+            trades = await self._fetch_since(symbol, last)
+        await self._on_trades(trades, "polling")
+
+    async def _fetch_since(self, symbol: str, last_id: int) -> list[dict[str, Any]]:
+        if self.continuity.contiguous:
+            return await self.exchange.fetch_trades(symbol, limit=1000, params={"fromId": last_id + 1})
+        since = self.continuity.last_ts.get(symbol)
+        return await self.exchange.fetch_trades(symbol, since=since // 1_000_000 if since else None)
+
+    # -- normalisation and continuity --------------------------------------------------------------
+
+    async def _on_trades(self, trades: list[dict[str, Any]], transport: str) -> None:
+        received = now_ns()
+        for t in trades:
+            symbol = t["symbol"]
+            event = Trade(
+                self.name,
+                symbol,
+                ms_to_ns(t.get("timestamp")),
+                received,
+                transport,
+                str(t["id"]) if t.get("id") is not None else None,
+                float(t["price"]),
+                float(t["amount"]),
+                t.get("side"),
+            )
+            last = self.continuity.last.get(symbol)
+            fresh, missing = self.continuity.check(event)
+            if transport == "websocket":
+                self.watchdog.seen((symbol, "trades"))
+            if not fresh:
+                continue
+            if missing and last is not None:
+                await self._backfill(symbol, last, int(event.id), missing)  # type: ignore[arg-type]
+            await self._deliver(event)
+
+    async def _backfill(self, symbol: str, last: int, upto: int, missing: int) -> None:
+        """Recover trades (last, upto) over REST, in order, once; count whatever cannot be had."""
+        recovered = 0
+        cursor = last
+        try:
+            while cursor + 1 < upto:
+                batch = await self.exchange.fetch_trades(symbol, limit=1000, params={"fromId": cursor + 1})
+                got = [t for t in batch if t.get("id") is not None and cursor < int(t["id"]) < upto]
+                if not got:
+                    break
+                received = now_ns()
+                for t in sorted(got, key=lambda t: int(t["id"])):
+                    if int(t["id"]) != cursor + 1:
+                        break  # the venue's history has a hole too: stop, count the rest as lost
+                    await self._deliver(
+                        Trade(
+                            self.name,
+                            symbol,
+                            ms_to_ns(t.get("timestamp")),
+                            received,
+                            "polling",
+                            str(t["id"]),
+                            float(t["price"]),
+                            float(t["amount"]),
+                            t.get("side"),
+                            backfilled=True,
+                        )
+                    )
+                    cursor += 1
+                    recovered += 1
+                else:
+                    continue
+                break
+        except Exception as exc:
+            c = classify(exc)
+            self._count(c, exc, symbol)
+            logger.warning("venue {} backfill {} failed ({}): {}", self.name, symbol, c.kind, _short(exc))
+        lost = missing - recovered
+        self.metrics.trades_backfilled.labels(self.name).inc(recovered)
+        if lost:
+            self.metrics.trades_lost.labels(self.name).inc(lost)
+            logger.error(
+                "venue {} {}: {} trade(s) lost between ids {} and {} ({} backfilled)",
+                self.name,
+                symbol,
+                lost,
+                last,
+                upto,
+                recovered,
+            )
+        else:
+            logger.info(
+                "venue {} {}: backfilled {} trade(s) between ids {} and {}",
+                self.name,
+                symbol,
+                recovered,
+                last,
+                upto,
+            )
+
+    async def _on_ticker(self, t: dict[str, Any], transport: str) -> None:
+        symbol = t["symbol"]
+        if transport == "websocket":
+            self.watchdog.seen((symbol, "ticker"))
+        await self._deliver(
+            Ticker(
+                self.name,
+                symbol,
+                ms_to_ns(t.get("timestamp")),
+                now_ns(),
+                transport,
+                t.get("bid"),
+                t.get("ask"),
+                t.get("last"),
+                t.get("baseVolume"),
+            )
+        )
+
+    async def _on_book(self, ob: dict[str, Any], transport: str) -> None:
+        symbol = ob["symbol"]
+        if transport == "websocket":
+            self.watchdog.seen((symbol, "book"))
+        depth = self.venue.book_depth
+        await self._deliver(
+            Book(
+                self.name,
+                symbol,
+                ms_to_ns(ob.get("timestamp")),
+                now_ns(),
+                transport,
+                [(float(p), float(q)) for p, q, *_ in ob["bids"][:depth]],
+                [(float(p), float(q)) for p, q, *_ in ob["asks"][:depth]],
+                ob.get("nonce"),
+            )
+        )
+
+    async def _deliver(self, event: Trade | Ticker | Book) -> None:
+        self.metrics.messages.labels(self.name, event.transport, event.kind).inc()
+        if event.ts_exchange:
+            self.metrics.latency.labels(self.name, event.transport).observe(
+                max(0.0, (event.ts_received - event.ts_exchange) / 1e9)
+            )
+        await self.emit(event)
+
+    # -- errors ------------------------------------------------------------------------------------
+
+    def _count(self, c: Classified, exc: BaseException, symbol: str | None) -> None:
+        self.metrics.errors.labels(self.name, c.kind.value).inc()
+        self._last_error = f"{c.kind}: {_short(exc)}"
+        if c.kind not in (ErrorKind.NETWORK,):
+            logger.warning(
+                "venue {}{} error ({}): {}", self.name, f" {symbol}" if symbol else "", c.kind, _short(exc)
+            )
+
+    def _fail_auth(self, exc: BaseException) -> None:
+        """Credentials rejected: retrying only gets the key banned. Stop this venue; an operator must act."""
+        logger.error(
+            "venue {} stopped: authentication failed: {}. Fix the credentials and restart.",
+            self.name,
+            _short(exc),
+        )
+        self.conn.move(ConnState.FAILED, f"authentication failed: {_short(exc)}")
+        self.stopping.set()
+
+
+def _retry_after(exchange: Any) -> float | None:
+    headers = getattr(exchange, "last_response_headers", None) or {}
+    for key, value in headers.items():
+        if key.lower() == "retry-after":
+            with contextlib.suppress(ValueError):
+                return float(value)
+    return None
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return text if len(text) <= 200 else text[:197] + "..."

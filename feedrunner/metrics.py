@@ -1,0 +1,83 @@
+"""Prometheus metrics, Vector-style names: feedrunner_<name>_<unit>[_total], low-cardinality labels.
+
+One registry per runner (not the global default), so tests can run several runners in one process.
+Symbol is never a label: venues may list thousands.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.messages = Counter(
+            "feedrunner_messages_received_total",
+            "Normalised events received from venues.",
+            ["venue", "transport", "kind"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "feedrunner_latency_seconds",
+            "Venue timestamp to local receive.",
+            ["venue", "transport"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.connection_up = Gauge(
+            "feedrunner_connection_up", "1 while the venue connection delivers.", ["venue"], registry=r
+        )
+        self.connection_state = Gauge(
+            "feedrunner_connection_state", "1 for the venue's current state.", ["venue", "state"], registry=r
+        )
+        self.reconnects = Counter("feedrunner_reconnects_total", "Reconnect attempts.", ["venue"], registry=r)
+        self.errors = Counter("feedrunner_errors_total", "Errors by class.", ["venue", "kind"], registry=r)
+        self.stalls = Counter(
+            "feedrunner_stalls_total",
+            "Subscriptions found silent past stale_after.",
+            ["venue", "channel"],
+            registry=r,
+        )
+        self.trades_backfilled = Counter(
+            "feedrunner_trades_backfilled_total", "Missed trades recovered over REST.", ["venue"], registry=r
+        )
+        self.trades_lost = Counter(
+            "feedrunner_trades_lost_total",
+            "Missed trades that could not be recovered.",
+            ["venue"],
+            registry=r,
+        )
+        self.book_resyncs = Counter(
+            "feedrunner_book_resyncs_total", "Order books rebuilt from a snapshot.", ["venue"], registry=r
+        )
+        self.circuit_state = Gauge(
+            "feedrunner_circuit_state",
+            "Breaker state: 0 closed, 1 half-open, 2 open.",
+            ["venue", "scope"],
+            registry=r,
+        )
+        self.symbols = Gauge(
+            "feedrunner_symbols",
+            "Symbols by the transport actually in use.",
+            ["venue", "transport"],
+            registry=r,
+        )
+        self.quarantined = Gauge(
+            "feedrunner_quarantined_symbols", "Symbols refused by the venue.", ["venue"], registry=r
+        )
+        self.queue_depth = Gauge("feedrunner_queue_depth", "Events waiting for the sinks.", registry=r)
+        self.dropped = Counter(
+            "feedrunner_events_dropped_total",
+            "Events dropped by the queue overflow policy.",
+            ["reason"],
+            registry=r,
+        )
+        self.sink_written = Counter(
+            "feedrunner_sink_events_written_total", "Events written by each sink.", ["sink"], registry=r
+        )
+        self.sink_errors = Counter(
+            "feedrunner_sink_errors_total", "Sink write failures.", ["sink"], registry=r
+        )
