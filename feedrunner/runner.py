@@ -127,7 +127,7 @@ class Runner:
         self.pipeline = Pipeline(spec, [build_sink(s) for s in spec.sinks], self.metrics)
 
     def desired(self) -> dict[str, dict[str, str]]:
-        """Transport wanted per venue and symbol (the rollout will refine this; breakers apply in adapters)."""
+        """Transport wanted per venue and symbol; the rollout refines it, breakers apply in adapters."""
         return {v.name: dict.fromkeys(v.symbols, v.transport) for v in self.spec.venues if v.enabled}
 
     def reconcile(self) -> None:

@@ -78,7 +78,7 @@ class Adapter(ABC):
         await self.close()
         self.conn.move(ConnState.DISCONNECTED, "stopped")
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook
         """Release the client library's resources."""
 
     def apply(self, wanted: Mapping[str, str]) -> None:
