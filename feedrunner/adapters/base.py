@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import time
 from abc import ABC, abstractmethod
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -51,6 +51,9 @@ class Adapter(ABC):
         self.changed = asyncio.Event()
         self.stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.retries: deque[tuple[float, float, str]] = deque(
+            maxlen=100
+        )  # (monotonic, delay, why): status, tests
         for state in ConnState:
             metrics.connection_state.labels(venue.name, state.value).set(0)
         metrics.connection_state.labels(venue.name, ConnState.DISCONNECTED.value).set(1)

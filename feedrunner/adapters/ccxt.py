@@ -23,7 +23,7 @@ from loguru import logger
 from feedrunner.adapters.base import Adapter, Emit, TradeContinuity, now_ns
 from feedrunner.events import Book, Ticker, Trade, ms_to_ns
 from feedrunner.metrics import Metrics
-from feedrunner.resilience import Classified, ConnState, ErrorKind, sleep_or_stop
+from feedrunner.resilience import BreakerState, Classified, ConnState, ErrorKind, sleep_or_stop
 from feedrunner.spec import Venue
 
 CHUNK = 100  # symbols per multi-symbol watch call (Binance accepts 200 at most)
@@ -69,6 +69,8 @@ class CcxtAdapter(Adapter):
         self._ws_sets: dict[str, tuple[str, ...]] = {}  # loop name -> symbols it serves
         self._loops: dict[str, asyncio.Task[Any]] = {}
         self._last_error = ""
+        self._up_since: float | None = None  # when the websocket last started delivering
+        self._probe_window = min(venue.stale_after.values(), default=5.0)
         self._seen_stamp: dict[tuple[str, str], Any] = {}  # last ticker timestamp / book nonce emitted
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -91,7 +93,7 @@ class CcxtAdapter(Adapter):
                 client.options["fetchMarkets"] = {"types": ["spot"]}
                 client.options["fetchCurrencies"] = False
         if v.exchange.startswith("binance"):
-            client.options["fetchTradesMethod"] = "publicGetHistoricalTrades"  # trade ids, and fromId works
+            client.options["fetchTradesMethod"] = "publicGetTrades"  # trade ids, as the @trade stream has
         return client
 
     async def close(self) -> None:
@@ -220,8 +222,13 @@ class CcxtAdapter(Adapter):
                     await ex.watch_order_book_for_symbols(symbols, depth)
                 await self._sweep(channel, symbols)
                 self._ws_ok()
-            except asyncio.CancelledError:
-                raise
+            except asyncio.CancelledError as exc:
+                task = asyncio.current_task()
+                if self.stopping.is_set() or (task is not None and task.cancelling()):
+                    raise  # we are being stopped
+                await self._ws_failed(
+                    ccxt.NetworkError(f"watch cancelled by the client library: {exc}"), symbols
+                )
             except Exception as exc:
                 await self._ws_failed(exc, symbols)
 
@@ -254,11 +261,19 @@ class CcxtAdapter(Adapter):
                     await self._on_book(ob, "websocket")
 
     def _ws_ok(self) -> None:
-        if self.conn.state in (ConnState.RECONNECTING, ConnState.CONNECTING):
-            self.conn.move(ConnState.CONNECTED, "streaming")
-        self.backoff.connected()
+        """Data arrived. The connection counts as healthy (breaker success, backoff reset clock) only once it
+        has kept delivering for a stale window: right after a reconnect ccxt returns a book built from a
+        REST snapshot, which proves nothing about the stream."""
+        now = time.monotonic()
+        if self._up_since is None:
+            self._up_since = now
+            if self.conn.state in (ConnState.RECONNECTING, ConnState.CONNECTING):
+                self.conn.move(ConnState.CONNECTED, "streaming")
+            self.backoff.connected()
         self.backoff.tick()
-        if self.breaker.state.value != "closed" or self.breaker.failures:
+        if now - self._up_since >= self._probe_window and (
+            self.breaker.failures or self.breaker.state is not BreakerState.CLOSED
+        ):
             self.breaker.success()
 
     async def _ws_failed(self, exc: BaseException, symbols: list[str]) -> None:
@@ -278,6 +293,7 @@ class CcxtAdapter(Adapter):
         if now < self._retry_at:
             return  # another loop already counted this outage and set the retry time
         self._count(c, exc, None)
+        self._up_since = None
         self.breaker.failure(f"{c.kind}: {_short(exc)}")
         self.metrics.reconnects.labels(self.name).inc()
         if self.backoff.exhausted:
@@ -298,15 +314,21 @@ class CcxtAdapter(Adapter):
             retry_after = _retry_after(self.exchange)
             if retry_after is not None:
                 delay = max(delay, retry_after)
+        self.retries.append((time.monotonic(), delay, c.kind.value))
         return delay
 
     async def _watchdog(self) -> None:
-        """Close the socket under a silent subscription so its loop reconnects; count the stall."""
+        """Close the socket under silent subscriptions so their loops reconnect; count every stall.
+
+        When everything went silent the venue is at fault (its breaker counts it, through the failed
+        watch calls); when only some symbols did, their own breakers count it.
+        """
         while not self.stopping.is_set():
             await asyncio.sleep(0.25)
             stale = self.watchdog.stale()
             if not stale:
                 continue
+            everything = {k[0] for k, _ in stale} == {k[0] for k in self.watchdog.keys()}
             for (symbol, channel), silence in stale:
                 logger.warning(
                     "venue {} {} {} silent for {:.1f}s (stale_after {:g}s)",
@@ -317,18 +339,27 @@ class CcxtAdapter(Adapter):
                     self.venue.stale_after[channel],
                 )
                 self.metrics.stalls.labels(self.name, channel).inc()
-                self.symbol_breaker(symbol).failure(f"{channel} silent {silence:.1f}s")
+                if not everything:
+                    self.symbol_breaker(symbol).failure(f"{channel} silent {silence:.1f}s")
                 self.watchdog.seen((symbol, channel))  # re-arm: one stall, one count
-            self.breaker.failure("stream stalled")
-            self.metrics.reconnects.labels(self.name).inc()
-            self.conn.move(ConnState.RECONNECTING, f"{len(stale)} subscription(s) stalled; reconnecting")
-            await self._drop_ws_clients()
+            await self._drop_ws_clients(f"{len(stale)} subscription(s) silent past stale_after")
             self.changed.set()
 
-    async def _drop_ws_clients(self) -> None:
-        for client in list(getattr(self.exchange, "clients", {}).values()):
+    async def _drop_ws_clients(self, why: str) -> None:
+        """Fail the pending watch calls with a NetworkError (ccxt's own close() would cancel them) and
+        forget the clients, so the next watch call opens a fresh connection and resubscribes."""
+        clients = getattr(self.exchange, "clients", {})
+        for url, client in list(clients.items()):
+            clients.pop(url, None)
+            client.reject(ccxt.NetworkError(f"{self.name}: {why}"))
             with contextlib.suppress(Exception):
-                await client.close()
+                await client.aiohttp_close()
+
+    def _ws_seen(self, symbol: str, channel: str) -> None:
+        self.watchdog.seen((symbol, channel))
+        breaker = self.symbol_breakers.get(symbol)
+        if breaker is not None and (breaker.failures or breaker._state is not BreakerState.CLOSED):
+            breaker.success()
 
     # -- polling -----------------------------------------------------------------------------------
 
@@ -402,9 +433,22 @@ class CcxtAdapter(Adapter):
             trades = await self._fetch_since(symbol, last)
         await self._on_trades(trades, "polling")
 
+    async def _fetch_from_id(self, symbol: str, from_id: int) -> list[dict[str, Any]]:
+        """Trades from `from_id` on. With an API key, /historicalTrades reaches any id; without one (ccxt
+        refuses to call it keyless) /trades gives the latest 1,000, which covers any short gap."""
+        ex = self.exchange
+        market = ex.market(symbol)
+        if ex.apiKey:
+            raw = await ex.publicGetHistoricalTrades(
+                {"symbol": market["id"], "fromId": from_id, "limit": 1000}
+            )
+        else:
+            raw = await ex.publicGetTrades({"symbol": market["id"], "limit": 1000})
+        return [t for t in ex.parse_trades(raw, market) if int(t["id"]) >= from_id]
+
     async def _fetch_since(self, symbol: str, last_id: int) -> list[dict[str, Any]]:
         if self.continuity.contiguous:
-            return await self.exchange.fetch_trades(symbol, limit=1000, params={"fromId": last_id + 1})
+            return await self._fetch_from_id(symbol, last_id + 1)
         since = self.continuity.last_ts.get(symbol)
         return await self.exchange.fetch_trades(symbol, since=since // 1_000_000 if since else None)
 
@@ -428,7 +472,7 @@ class CcxtAdapter(Adapter):
             last = self.continuity.last.get(symbol)
             fresh, missing = self.continuity.check(event)
             if transport == "websocket":
-                self.watchdog.seen((symbol, "trades"))
+                self._ws_seen(symbol, "trades")
             if not fresh:
                 continue
             if missing and last is not None:
@@ -441,7 +485,7 @@ class CcxtAdapter(Adapter):
         cursor = last
         try:
             while cursor + 1 < upto:
-                batch = await self.exchange.fetch_trades(symbol, limit=1000, params={"fromId": cursor + 1})
+                batch = await self._fetch_from_id(symbol, cursor + 1)
                 got = [t for t in batch if t.get("id") is not None and cursor < int(t["id"]) < upto]
                 if not got:
                     break
@@ -498,7 +542,7 @@ class CcxtAdapter(Adapter):
     async def _on_ticker(self, t: dict[str, Any], transport: str) -> None:
         symbol = t["symbol"]
         if transport == "websocket":
-            self.watchdog.seen((symbol, "ticker"))
+            self._ws_seen(symbol, "ticker")
         await self._deliver(
             Ticker(
                 self.name,
@@ -516,7 +560,7 @@ class CcxtAdapter(Adapter):
     async def _on_book(self, ob: dict[str, Any], transport: str) -> None:
         symbol = ob["symbol"]
         if transport == "websocket":
-            self.watchdog.seen((symbol, "book"))
+            self._ws_seen(symbol, "book")
         depth = self.venue.book_depth
         await self._deliver(
             Book(

@@ -1,0 +1,233 @@
+"""The real ccxt client against the Binance-protocol simulator over loopback: outcomes, not calls."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import yaml
+
+from feedrunner.adapters.ccxt import CcxtAdapter
+from feedrunner.events import Book, Event, Ticker, Trade
+from feedrunner.metrics import Metrics
+from feedrunner.resilience import BreakerState, ConnState
+from feedrunner.sim.binance import BinanceSim
+from feedrunner.spec import Venue, check_text
+
+SYMBOLS = ["BTC/USDT", "ETH/USDT", "SOL/USDT"]
+
+
+def make_venue(endpoints: dict[str, str], **settings: Any) -> Venue:
+    venue = {
+        "adapter": "ccxt",
+        "exchange": "binance",
+        "symbols": SYMBOLS,
+        "channels": ["trades", "ticker", "book"],
+        "endpoints": endpoints,
+        "stale_after": "3s",
+        "poll_interval": "200ms",
+        "backoff": {"base": "100ms", "cap": "1s", "jitter": 0, "max_attempts": 50},
+        "circuit_breaker": {"failure_threshold": 3, "recovery_timeout": "2s"},
+    }
+    venue.update(settings)
+    spec, problems = check_text(
+        yaml.safe_dump({"version": 1, "environment": "live", "venues": {"binance": venue}}), "test.yaml", {}
+    )
+    assert spec is not None, [str(p) for p in problems]
+    return spec.venues[0]
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    async def __call__(self, event: Event) -> None:
+        self.events.append(event)
+
+    def of(self, kind: type, symbol: str | None = None) -> list[Any]:
+        return [e for e in self.events if isinstance(e, kind) and (symbol is None or e.symbol == symbol)]
+
+    def trade_ids(self) -> dict[str, list[int]]:
+        ids: dict[str, list[int]] = defaultdict(list)
+        for t in self.of(Trade):
+            ids[t.symbol].append(int(t.id))
+        return ids
+
+    def assert_contiguous(self) -> None:
+        """Every trade id exactly once, in order, with no hole, for every symbol."""
+        for symbol, ids in self.trade_ids().items():
+            assert ids == list(range(ids[0], ids[0] + len(ids))), f"{symbol}: not contiguous"
+
+
+async def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> float:
+    start = time.monotonic()
+    while not pred():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
+    return time.monotonic() - start
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[BinanceSim]:
+    async with BinanceSim(SYMBOLS, seed=3, rate=40, ping_interval=5) as s:
+        yield s
+
+
+@pytest.fixture
+async def run_adapter(sim: BinanceSim) -> AsyncIterator[Callable[..., Any]]:
+    started: list[CcxtAdapter] = []
+
+    async def start(transport: str = "websocket", **settings: Any) -> tuple[CcxtAdapter, Collector]:
+        out = Collector()
+        adapter = CcxtAdapter(make_venue(sim.endpoints, transport=transport, **settings), out, Metrics())
+        started.append(adapter)
+        await adapter.start()
+        adapter.apply(dict.fromkeys(adapter.venue.symbols, transport))
+        return adapter, out
+
+    yield start
+    for adapter in started:
+        await adapter.stop()
+
+
+def sample(adapter: CcxtAdapter, name: str, **labels: str) -> float:
+    return adapter.metrics.registry.get_sample_value(name, {"venue": "binance", **labels}) or 0.0
+
+
+async def all_kinds_for_all_symbols(out: Collector, timeout: float = 10) -> None:
+    await wait_until(
+        lambda: all(out.of(k, s) for k in (Trade, Ticker, Book) for s in SYMBOLS),
+        timeout,
+        "trades, tickers and books for every symbol",
+    )
+
+
+@pytest.mark.parametrize("transport", ["websocket", "polling", "hybrid"])
+async def test_streams_trades_tickers_and_books(run_adapter, transport):
+    adapter, out = await run_adapter(transport)
+    await all_kinds_for_all_symbols(out)
+    await wait_until(lambda: all(len(out.of(Trade, s)) >= 20 for s in SYMBOLS), 10, "20 trades per symbol")
+    out.assert_contiguous()
+    for book in out.of(Book):
+        assert book.bids[0][0] < book.asks[0][0] and len(book.bids) <= 20
+    for ticker in out.of(Ticker):
+        assert ticker.bid is not None and ticker.ask is not None and ticker.bid < ticker.ask
+    trade = out.of(Trade)[-1]
+    assert trade.ts_exchange and trade.ts_received >= trade.ts_exchange - 50_000_000
+    expected = {"websocket": {"websocket"}, "polling": {"polling"}, "hybrid": {"websocket", "polling"}}[
+        transport
+    ]
+    assert {e.transport for e in out.of(Trade)} <= expected
+    if transport != "hybrid":
+        assert {e.transport for e in out.events} == expected
+    assert adapter.conn.state is ConnState.CONNECTED
+
+
+@pytest.mark.parametrize("fault", ["drop", "reset", "restart", "malformed"])
+async def test_survives_fault_with_every_trade_once_and_contiguous(run_adapter, sim, fault):
+    adapter, out = await run_adapter("websocket")
+    await all_kinds_for_all_symbols(out)
+    before = {s: len(out.of(Trade, s)) for s in SYMBOLS}
+    sim.inject(fault, duration=1.0)
+    await wait_until(
+        lambda: all(len(out.of(Trade, s)) > before[s] + 60 for s in SYMBOLS),
+        20,
+        f"trades to flow again after {fault}",
+    )
+    # A long enough outage may open the breaker (polling meanwhile); either way streaming comes back.
+    await wait_until(
+        lambda: all(t.transport == "websocket" for t in out.of(Trade)[-10:]), 15, "websocket again"
+    )
+    out.assert_contiguous()
+    if fault != "malformed":
+        assert sample(adapter, "feedrunner_reconnects_total") >= 1
+    assert sample(adapter, "feedrunner_trades_lost_total") == 0
+
+
+async def test_reconnects_follow_the_backoff_schedule(run_adapter, sim):
+    adapter, out = await run_adapter("websocket", circuit_breaker={"failure_threshold": 100})
+    await all_kinds_for_all_symbols(out)
+    sim.inject("refuse", duration=2.5)
+    sim.inject("drop")
+    await wait_until(lambda: len(adapter.retries) >= 4, 10, "four reconnect attempts")
+    delays = [d for _, d, _ in list(adapter.retries)[:4]]
+    assert delays == [0.1, 0.2, 0.4, 0.8]  # base 100ms, factor 2, no jitter
+    times = [t for t, _, _ in list(adapter.retries)[:4]]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    for gap, delay in zip(gaps, delays, strict=False):
+        assert gap >= delay * 0.95  # never retried sooner than the schedule says
+    before = {s: len(out.of(Trade, s)) for s in SYMBOLS}
+    await wait_until(lambda: all(len(out.of(Trade, s)) > before[s] + 20 for s in SYMBOLS), 15, "recovery")
+    out.assert_contiguous()
+    assert adapter.conn.state is ConnState.CONNECTED
+
+
+async def test_stall_is_detected_within_stale_after_plus_one_second(run_adapter, sim):
+    # The ticker stream is 1/s at Binance, so only trades get the tight window.
+    adapter, out = await run_adapter("websocket", stale_after={"default": "3s", "trades": "1s"})
+    await all_kinds_for_all_symbols(out)
+    stalled_at = time.monotonic()
+    sim.inject("stall", duration=2.0)
+    await wait_until(lambda: sample(adapter, "feedrunner_stalls_total", channel="trades") >= 1, 5, "a stall")
+    assert time.monotonic() - stalled_at <= 1.0 + 1.0 + 0.3  # stale_after + 1 s (+ the last message's age)
+    before = {s: len(out.of(Trade, s)) for s in SYMBOLS}
+    await wait_until(lambda: all(len(out.of(Trade, s)) > before[s] + 40 for s in SYMBOLS), 15, "recovery")
+    out.assert_contiguous()
+    assert sample(adapter, "feedrunner_trades_lost_total") == 0
+
+
+async def test_breaker_falls_back_to_polling_and_returns_to_websocket(run_adapter, sim):
+    adapter, out = await run_adapter(
+        "websocket",
+        stale_after={"default": "3s", "trades": "500ms"},
+        circuit_breaker={"failure_threshold": 2, "recovery_timeout": "2s"},
+    )
+    await all_kinds_for_all_symbols(out)
+    sim.inject("stall", duration=4.0)  # the websocket goes silent; REST keeps answering
+    await wait_until(lambda: adapter.breaker.state is BreakerState.OPEN, 6, "the breaker to open")
+    n = len(out.events)
+    await wait_until(lambda: any(e.transport == "polling" for e in out.events[n:]), 5, "polling fallback")
+    assert adapter.conn.state is ConnState.DEGRADED
+    await wait_until(lambda: adapter.breaker.state is BreakerState.CLOSED, 15, "a successful half-open probe")
+    n = len(out.events)
+    await wait_until(
+        lambda: sum(e.transport == "websocket" for e in out.events[n:]) > 30, 10, "websocket again"
+    )
+    await asyncio.sleep(0.5)
+    assert adapter.status()["symbols"] == dict.fromkeys(SYMBOLS, "websocket")
+    out.assert_contiguous()
+
+
+async def test_ratelimit_honours_retry_after(run_adapter, sim):
+    adapter, out = await run_adapter("polling", channels=["ticker"])
+    await wait_until(lambda: all(out.of(Ticker, s) for s in SYMBOLS), 10, "tickers")
+    sim.inject("ratelimit", duration=2.0)
+    hit = time.monotonic()
+    await wait_until(lambda: sample(adapter, "feedrunner_errors_total", kind="rate_limit") >= 1, 5, "a 429")
+    n = len(out.events)
+    await wait_until(lambda: len(out.events) > n, 10, "polling to resume")
+    assert time.monotonic() - hit >= 1.9  # waited out Retry-After instead of hammering
+    assert sample(adapter, "feedrunner_errors_total", kind="rate_limit") <= 2 * len(SYMBOLS)
+
+
+async def test_rejected_symbol_is_quarantined_alone(run_adapter, sim):
+    sim.inject("reject_symbol", duration=30, symbol="ETH/USDT")
+    adapter, out = await run_adapter("polling", channels=["trades"])
+    await wait_until(lambda: "ETH/USDT" in adapter.quarantined, 10, "quarantine")
+    n = len(out.events)
+    await wait_until(lambda: {e.symbol for e in out.events[n:]} == {"BTC/USDT", "SOL/USDT"}, 10, "the others")
+    assert adapter.conn.state is ConnState.DEGRADED
+    assert sample(adapter, "feedrunner_quarantined_symbols") == 1
+
+
+async def test_unknown_market_is_quarantined_and_others_stream(run_adapter):
+    adapter, out = await run_adapter("websocket", symbols=[*SYMBOLS, "NOPE/USDT"])
+    adapter.apply(dict.fromkeys([*SYMBOLS, "NOPE/USDT"], "websocket"))
+    await all_kinds_for_all_symbols(out)
+    assert set(adapter.quarantined) == {"NOPE/USDT"}
