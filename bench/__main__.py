@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ["bench.spec_validate"]
+BENCHMARKS = ["bench.spec_validate", "bench.ccxt_stream"]
 
 
 def main(argv: list[str]) -> int:

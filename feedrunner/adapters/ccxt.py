@@ -71,7 +71,10 @@ class CcxtAdapter(Adapter):
         self._last_error = ""
         self._up_since: float | None = None  # when the websocket last started delivering
         self._probe_window = min(venue.stale_after.values(), default=5.0)
-        self._seen_stamp: dict[tuple[str, str], Any] = {}  # last ticker timestamp / book nonce emitted
+        self._seen_stamp: dict[tuple[str, str], Any] = {}
+        self._metric_children: dict[
+            tuple[str, str], tuple[Any, Any]
+        ] = {}  # last ticker timestamp / book nonce emitted
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -576,12 +579,22 @@ class CcxtAdapter(Adapter):
         )
 
     async def _deliver(self, event: Trade | Ticker | Book) -> None:
-        self.metrics.messages.labels(self.name, event.transport, event.kind).inc()
+        counter, histogram = self._children(event.transport, event.kind)
+        counter.inc()
         if event.ts_exchange:
-            self.metrics.latency.labels(self.name, event.transport).observe(
-                max(0.0, (event.ts_received - event.ts_exchange) / 1e9)
-            )
+            histogram.observe(max(0.0, (event.ts_received - event.ts_exchange) / 1e9))
         await self.emit(event)
+
+    def _children(self, transport: str, kind: str) -> tuple[Any, Any]:
+        """Labelled metric children, looked up once: labels() costs more than the event's own parsing."""
+        key = (transport, kind)
+        pair = self._metric_children.get(key)
+        if pair is None:
+            pair = self._metric_children[key] = (
+                self.metrics.messages.labels(self.name, transport, kind),
+                self.metrics.latency.labels(self.name, transport),
+            )
+        return pair
 
     # -- errors ------------------------------------------------------------------------------------
 

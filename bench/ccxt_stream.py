@@ -1,0 +1,309 @@
+"""Streaming through the runner vs a bare ccxt.pro loop, on one simulator feed in a separate process.
+
+Figures: flood throughput (runner / bare ratio), latency from the simulator's trade timestamp to the
+sink's write at 1k, 5k and 10k trades/s, lost trades at each rate, websocket vs 1 s polling latency, and
+RSS with 1,000 symbols streaming plus its growth over BENCH_SOAK_SECONDS (default 600).
+
+The simulator stamps trades in milliseconds (Binance's `T`), so latencies carry up to 1 ms of rounding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import ccxt.pro
+import psutil
+import yaml
+
+from bench.results import record
+from feedrunner.adapters.ccxt import rebase
+from feedrunner.events import Event, Trade
+from feedrunner.runner import Runner
+from feedrunner.sinks.jsonl import JsonlSink
+from feedrunner.spec import Sink as SinkSpec
+from feedrunner.spec import check_text
+
+FLOOD_SECONDS = float(os.environ.get("BENCH_FLOOD_SECONDS", 8))
+LATENCY_SECONDS = float(os.environ.get("BENCH_LATENCY_SECONDS", 10))
+SOAK_SECONDS = float(os.environ.get("BENCH_SOAK_SECONDS", 600))
+RUNS = int(os.environ.get("BENCH_RUNS", 3))
+
+
+class Sim:
+    """`feedrunner sim binance` in its own process, so it does not share a core's event loop with us."""
+
+    def __init__(self, symbols: Sequence[str], rate: float) -> None:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "feedrunner.cli",
+                "sim",
+                "binance",
+                "--port",
+                "0",
+                "--rate",
+                str(rate),
+                "--symbols",
+                ",".join(symbols),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        m = re.search(r"rest: (\S+), ws: (\S+)\}", line)
+        if not m:
+            self.proc.kill()
+            raise RuntimeError(f"simulator did not start: {line!r}")
+        self.endpoints = {"rest": m.group(1), "ws": m.group(2)}
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+class LatencySink(JsonlSink):
+    """The real JSONL sink, timing each trade from its exchange timestamp to the moment it was written."""
+
+    def __init__(self, directory: str) -> None:
+        super().__init__(SinkSpec(type="jsonl", path=f"{directory}/{{venue}}/{{date}}.jsonl"))
+        self.latencies_ns: list[int] = []
+        self.trades = 0
+        self.last: dict[str, int] = {}
+        self.gaps = 0
+
+    def write(self, events: Sequence[Event]) -> int:
+        n = super().write(events)
+        now = time.time_ns()
+        for e in events:
+            if isinstance(e, Trade):
+                self.trades += 1
+                if e.ts_exchange:
+                    self.latencies_ns.append(now - e.ts_exchange)
+                tid = int(e.id)  # type: ignore[arg-type]
+                prev = self.last.get(e.symbol)
+                if prev is not None and tid != prev + 1:
+                    self.gaps += max(0, tid - prev - 1)
+                self.last[e.symbol] = tid
+        return n
+
+
+def _spec(endpoints: dict[str, str], symbols: Sequence[str], transport: str = "websocket") -> Any:
+    doc = {
+        "version": 1,
+        "environment": "live",
+        "queue": {"size": 100_000, "overflow": "block"},
+        "venues": {
+            "binance": {
+                "adapter": "ccxt",
+                "exchange": "binance",
+                "symbols": list(symbols),
+                "channels": ["trades"],
+                "transport": transport,
+                "endpoints": endpoints,
+                "stale_after": "30s",
+                "trades_buffer": 10_000,
+            }
+        },
+        "sinks": [{"type": "stdout"}],
+    }
+    spec, problems = check_text(yaml.safe_dump(doc), "bench.yaml", {})
+    assert spec is not None, problems
+    return spec
+
+
+async def run_runner(
+    endpoints: dict[str, str],
+    symbols: Sequence[str],
+    seconds: float,
+    transport: str = "websocket",
+    warmup: float = 2.0,
+) -> tuple[LatencySink, Runner, float]:
+    runner = Runner(_spec(endpoints, symbols, transport))
+    sink = LatencySink(tempfile.mkdtemp(prefix="feedrunner-bench-"))
+    runner.pipeline.sinks = [sink]
+    await runner.start()
+    await asyncio.sleep(warmup)
+    sink.latencies_ns.clear()
+    start_trades, t0 = sink.trades, time.monotonic()
+    await asyncio.sleep(seconds)
+    rate = (sink.trades - start_trades) / (time.monotonic() - t0)
+    await runner.stop()
+    return sink, runner, rate
+
+
+async def run_bare(endpoints: dict[str, str], symbol: str, seconds: float, warmup: float = 2.0) -> float:
+    ex = ccxt.pro.binance(
+        {"options": {"tradesLimit": 10_000, "fetchMarkets": {"types": ["spot"]}, "fetchCurrencies": False}}
+    )
+    ex.urls["api"] = rebase(ex.urls["api"], endpoints["rest"], endpoints["ws"])
+    count = 0
+    try:
+        t_end = time.monotonic() + warmup
+        while time.monotonic() < t_end:
+            await ex.watch_trades_for_symbols([symbol])
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            count += len(await ex.watch_trades_for_symbols([symbol]))
+        return count / (time.monotonic() - t0)
+    finally:
+        await ex.close()
+
+
+def pct(values: list[int], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))] / 1e6
+
+
+async def flood() -> dict[str, Any]:
+    symbol = "BTC/USDT"
+    sim = Sim([symbol], 20_000)
+    try:
+        bare, ours = [], []
+        for _ in range(RUNS):
+            bare.append(await run_bare(sim.endpoints, symbol, FLOOD_SECONDS))
+            ours.append((await run_runner(sim.endpoints, [symbol], FLOOD_SECONDS))[2])
+    finally:
+        sim.close()
+    b, r = statistics.median(bare), statistics.median(ours)
+    return {
+        "offered_per_s": 20_000,
+        "bare_trades_per_s": round(b),
+        "runner_trades_per_s": round(r),
+        "ratio": round(r / b, 3),
+        "runs": RUNS,
+        "target_ratio": 0.85,
+    }
+
+
+async def latency() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    symbols = [f"S{i:02d}/USDT" for i in range(10)]
+    for total in (1_000, 5_000, 10_000):
+        sim = Sim(symbols, total / len(symbols))
+        try:
+            p50s, p99s, lost, rates = [], [], 0, []
+            for _ in range(RUNS):
+                sink, runner, rate = await run_runner(sim.endpoints, symbols, LATENCY_SECONDS)
+                p50s.append(pct(sink.latencies_ns, 0.50))
+                p99s.append(pct(sink.latencies_ns, 0.99))
+                counted = (
+                    runner.metrics.registry.get_sample_value(
+                        "feedrunner_trades_lost_total", {"venue": "binance"}
+                    )
+                    or 0
+                )
+                lost += int(counted) + sink.gaps
+                rates.append(rate)
+        finally:
+            sim.close()
+        out[str(total)] = {
+            "p50_ms": round(statistics.median(p50s), 2),
+            "p99_ms": round(statistics.median(p99s), 2),
+            "lost_trades": lost,
+            "delivered_per_s": round(statistics.median(rates)),
+        }
+    return out
+
+
+async def polling_vs_ws() -> dict[str, Any]:
+    symbols = ["BTC/USDT", "ETH/USDT", "SOL/USDT"]
+    sim = Sim(symbols, 20)
+    try:
+        ws, _, _ = await run_runner(sim.endpoints, symbols, LATENCY_SECONDS)
+        poll, _, _ = await run_runner(sim.endpoints, symbols, LATENCY_SECONDS, transport="polling", warmup=3)
+    finally:
+        sim.close()
+    return {
+        "websocket_p50_ms": round(pct(ws.latencies_ns, 0.5), 2),
+        "websocket_p99_ms": round(pct(ws.latencies_ns, 0.99), 2),
+        "polling_1s_p50_ms": round(pct(poll.latencies_ns, 0.5), 2),
+        "polling_1s_p99_ms": round(pct(poll.latencies_ns, 0.99), 2),
+    }
+
+
+async def rss_soak() -> dict[str, Any]:
+    symbols = [f"X{i:04d}/USDT" for i in range(1000)]
+    sim = Sim(symbols, 1)
+    proc = psutil.Process()
+    try:
+        runner = Runner(_spec(sim.endpoints, symbols))
+        sink = LatencySink(tempfile.mkdtemp(prefix="feedrunner-bench-"))
+        runner.pipeline.sinks = [sink]
+        base_rss = proc.memory_info().rss
+        await runner.start()
+        await asyncio.sleep(15)  # subscribe everything, fill the caches
+        samples: list[tuple[float, int]] = []
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < SOAK_SECONDS:
+            samples.append((time.monotonic() - t0, proc.memory_info().rss))
+            sink.latencies_ns.clear()
+            await asyncio.sleep(min(10, SOAK_SECONDS / 20))
+        samples.append((time.monotonic() - t0, proc.memory_info().rss))
+        delivered = sink.trades
+        await runner.stop()
+    finally:
+        sim.close()
+    xs = [t for t, _ in samples]
+    ys = [r / 2**20 for _, r in samples]
+    slope = statistics.linear_regression(xs, ys).slope if len(xs) > 2 else 0.0
+    return {
+        "symbols": 1000,
+        "rss_mb_before_start": round(base_rss / 2**20, 1),
+        "rss_mb_start": round(ys[0], 1),
+        "rss_mb_end": round(ys[-1], 1),
+        "rss_mb_max": round(max(ys), 1),
+        "soak_seconds": SOAK_SECONDS,
+        "growth_mb_per_hour": round(slope * 3600, 2),
+        "trades_delivered": delivered,
+        "target_rss_mb": 300,
+    }
+
+
+async def amain() -> dict[str, Any]:
+    figures = {
+        "flood": await flood(),
+        "latency": await latency(),
+        "polling_vs_websocket": await polling_vs_ws(),
+        "rss": await rss_soak(),
+    }
+    record("ccxt_stream", figures)
+    f, lat, pw, rss = figures["flood"], figures["latency"], figures["polling_vs_websocket"], figures["rss"]
+    print(
+        f"flood (1 symbol offered {f['offered_per_s']}/s, median of {RUNS}): bare ccxt.pro "
+        f"{f['bare_trades_per_s']}/s, runner {f['runner_trades_per_s']}/s, ratio {f['ratio']} (target >= 0.85)"
+    )
+    print("latency, simulator trade time -> sink write (10 symbols):")
+    for rate, v in lat.items():
+        print(
+            f"  {rate:>6}/s  p50 {v['p50_ms']:6.2f} ms  p99 {v['p99_ms']:6.2f} ms  delivered {v['delivered_per_s']}/s"
+            f"  lost {v['lost_trades']}"
+        )
+    print(
+        f"websocket p50 {pw['websocket_p50_ms']} ms / p99 {pw['websocket_p99_ms']} ms vs 1 s polling "
+        f"p50 {pw['polling_1s_p50_ms']} ms / p99 {pw['polling_1s_p99_ms']} ms"
+    )
+    print(
+        f"RSS with 1,000 symbols streaming: {rss['rss_mb_start']} -> {rss['rss_mb_end']} MB (max {rss['rss_mb_max']})"
+        f" over {rss['soak_seconds']:.0f}s, trend {rss['growth_mb_per_hour']} MB/h (target < 300 MB, no growth)"
+    )
+    return figures
+
+
+def main() -> dict[str, Any]:
+    return asyncio.run(amain())
+
+
+if __name__ == "__main__":
+    main()
