@@ -199,10 +199,7 @@ async def latency() -> dict[str, Any]:
                 p50s.append(pct(sink.latencies_ns, 0.50))
                 p99s.append(pct(sink.latencies_ns, 0.99))
                 counted = (
-                    runner.metrics.registry.get_sample_value(
-                        "feedrunner_trades_lost_total", {"venue": "binance"}
-                    )
-                    or 0
+                    runner.metrics.registry.get_sample_value("feedrunner_trades_lost_total", {"venue": "binance"}) or 0
                 )
                 lost += int(counted) + sink.gaps
                 rates.append(rate)

@@ -21,9 +21,7 @@ EX_CONFIG = 78
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="feedrunner", description="Run market-data feeds declared in feeds.yaml."
-    )
+    p = argparse.ArgumentParser(prog="feedrunner", description="Run market-data feeds declared in feeds.yaml.")
     p.add_argument("--version", action="version", version=f"feedrunner {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 

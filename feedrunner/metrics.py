@@ -78,6 +78,4 @@ class Metrics:
         self.sink_written = Counter(
             "feedrunner_sink_events_written_total", "Events written by each sink.", ["sink"], registry=r
         )
-        self.sink_errors = Counter(
-            "feedrunner_sink_errors_total", "Sink write failures.", ["sink"], registry=r
-        )
+        self.sink_errors = Counter("feedrunner_sink_errors_total", "Sink write failures.", ["sink"], registry=r)

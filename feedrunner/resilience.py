@@ -46,9 +46,7 @@ class Classified:
 class BackoffTimer:
     """Capped, jittered exponential delays; reset once a connection has been healthy for reset_after."""
 
-    def __init__(
-        self, spec: Backoff, clock: Clock = time.monotonic, rng: random.Random | None = None
-    ) -> None:
+    def __init__(self, spec: Backoff, clock: Clock = time.monotonic, rng: random.Random | None = None) -> None:
         self.spec = spec
         self.attempts = 0
         self._clock = clock
@@ -178,9 +176,7 @@ class Watchdog:
 class StateMachine:
     """A connection's state with every transition logged; listeners feed metrics and health."""
 
-    def __init__(
-        self, venue: str, on_change: Callable[[str, ConnState, ConnState, str], None] | None = None
-    ) -> None:
+    def __init__(self, venue: str, on_change: Callable[[str, ConnState, ConnState, str], None] | None = None) -> None:
         self.venue = venue
         self.state = ConnState.DISCONNECTED
         self.reason = ""
@@ -191,11 +187,7 @@ class StateMachine:
         if new is self.state:
             return
         old, self.state, self.reason, self.since = self.state, new, reason, time.time()
-        log = (
-            logger.warning
-            if new in (ConnState.RECONNECTING, ConnState.DEGRADED, ConnState.FAILED)
-            else logger.info
-        )
+        log = logger.warning if new in (ConnState.RECONNECTING, ConnState.DEGRADED, ConnState.FAILED) else logger.info
         log("venue {} {} -> {}{}", self.venue, old.value, new.value, f": {reason}" if reason else "")
         if self._on_change:
             self._on_change(self.venue, old, new, reason)

@@ -156,7 +156,9 @@ class Runner:
         logger.info("runner started: {} venue(s) running, {} skipped", len(self.adapters), len(self.skipped))
 
     async def _simulate(self, venue: Venue) -> Venue:
-        """Start the built-in simulator for a venue and point the venue at it."""
+        """Start the built-in simulator for a venue and point the venue at it (only for adapters that exist)."""
+        if adapter_class(venue) is None:
+            return venue
         seed, rate = self.spec.sim_seed, self.spec.sim_rate
         if venue.adapter == "ccxt":
             if not (venue.exchange or "").startswith("binance"):
@@ -170,7 +172,18 @@ class Runner:
             self.sims.append(sim)
             logger.info("venue {}: simulator on {}", venue.name, sim.endpoints["rest"])
             return dataclasses.replace(venue, endpoints=sim.endpoints)
-        return venue
+        if venue.adapter == "ib":
+            from feedrunner.sim.tws import TwsSim
+
+            sim = TwsSim(seed=seed, rate=rate)
+        else:
+            from feedrunner.sim.opend import OpenDSim
+
+            sim = OpenDSim(seed=seed, rate=rate, codes=list(venue.symbols), quota=venue.quota)
+        await sim.start()
+        self.sims.append(sim)
+        logger.info("venue {}: simulator on 127.0.0.1:{}", venue.name, sim.port)
+        return dataclasses.replace(venue, host="127.0.0.1", port=sim.port)
 
     async def stop(self) -> None:
         for adapter in self.adapters.values():
@@ -195,9 +208,7 @@ def configure_logging(spec: Spec) -> None:
     if spec.log_format == "json":
         logger.add(sys.stderr, level=spec.log_level, serialize=True)
     else:
-        logger.add(
-            sys.stderr, level=spec.log_level, format="{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {message}"
-        )
+        logger.add(sys.stderr, level=spec.log_level, format="{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {message}")
 
 
 async def serve(spec: Spec, ready: Callable[[Runner], None] | None = None) -> int:

@@ -466,9 +466,7 @@ def _translate(doc: Document, error: jsonschema.ValidationError) -> list[Problem
         return [
             doc.problem(
                 path,
-                "must not be empty"
-                if v == "minLength"
-                else f"must be at most {error.validator_value} characters",
+                "must not be empty" if v == "minLength" else f"must be at most {error.validator_value} characters",
             )
         ]
     return [doc.problem(path, doc.scrub(error.message))]
@@ -534,9 +532,7 @@ class _SpecBuilder:
 
     # -- venues ----------------------------------------------------------------------------------
 
-    def _setting(
-        self, name: str, raw: dict[str, Any], defaults: dict[str, Any], fallback: Any
-    ) -> tuple[Any, Path]:
+    def _setting(self, name: str, raw: dict[str, Any], defaults: dict[str, Any], fallback: Any) -> tuple[Any, Path]:
         """A venue setting with inheritance, and the path where its value was written."""
         vname = raw["__name__"]
         if name in raw:
@@ -566,8 +562,7 @@ class _SpecBuilder:
             if ch not in supported:
                 self.err(
                     (*cpath, i),
-                    f"channel '{ch}' is not supported by adapter {adapter} "
-                    f"(supported: {', '.join(sorted(supported))})",
+                    f"channel '{ch}' is not supported by adapter {adapter} (supported: {', '.join(sorted(supported))})",
                 )
         if isinstance(stale_raw, dict):
             fallback = units.duration(stale_raw.get("default", "15s"))
@@ -607,9 +602,7 @@ class _SpecBuilder:
             else:
                 key = item
             if key in first_at:
-                self.err(
-                    (*vpath, "symbols", i), f"duplicate symbol '{key}' (also at symbols[{first_at[key]}])"
-                )
+                self.err((*vpath, "symbols", i), f"duplicate symbol '{key}' (also at symbols[{first_at[key]}])")
                 continue
             first_at[key] = i
             symbols.append(key)
@@ -708,8 +701,7 @@ class _SpecBuilder:
                 if not pro:
                     self.err(
                         path,
-                        f"ccxt has no websocket (ccxt.pro) support for '{v.exchange}': "
-                        "use transport: polling",
+                        f"ccxt has no websocket (ccxt.pro) support for '{v.exchange}': use transport: polling",
                     )
                 else:
                     missing = [ch for ch in v.channels if not has_ws.get(_CCXT_WATCH[ch])]
@@ -738,9 +730,7 @@ class _SpecBuilder:
         for i, p in enumerate(r["phases"]):
             ppath: Path = ("rollout", "phases", i)
             if p["name"] in names:
-                self.err(
-                    (*ppath, "name"), f"duplicate phase name '{p['name']}' (also phases[{names[p['name']]}])"
-                )
+                self.err((*ppath, "name"), f"duplicate phase name '{p['name']}' (also phases[{names[p['name']]}])")
             names.setdefault(p["name"], i)
             chosen = self._select(p["symbols"], (*ppath, "symbols"), by_name, everything)
             missing = previous - set(chosen)
@@ -748,8 +738,7 @@ class _SpecBuilder:
                 sample = ", ".join(f"{v}:{s}" for v, s in sorted(missing)[:3])
                 self.err(
                     (*ppath, "symbols"),
-                    f"phases only grow: this phase drops {len(missing)} symbol(s) of "
-                    f"the previous one ({sample})",
+                    f"phases only grow: this phase drops {len(missing)} symbol(s) of the previous one ({sample})",
                 )
             previous |= set(chosen)
             last = i == len(r["phases"]) - 1
@@ -767,9 +756,7 @@ class _SpecBuilder:
                         f"'{ph.name}' ({units.fmt_duration(ph.dwell)}): the gate could never fill its window",
                     )
                     break
-        rollback = tuple(
-            self._condition(c, ("rollout", "rollback", i)) for i, c in enumerate(r.get("rollback", []))
-        )
+        rollback = tuple(self._condition(c, ("rollout", "rollback", i)) for i, c in enumerate(r.get("rollback", [])))
         rec = r.get("recovery", {})
         recovery = Recovery(
             units.duration(rec.get("cooldown", "30m")),
@@ -882,8 +869,7 @@ class _SpecBuilder:
         if s.get("enabled", True) and not _is_loopback(host) and token is None:
             self.err(
                 ("server", "listen"),
-                f"listening on {host} (not loopback) requires server.token, "
-                "e.g. token: ${FEEDRUNNER_TOKEN}",
+                f"listening on {host} (not loopback) requires server.token, e.g. token: ${{FEEDRUNNER_TOKEN}}",
             )
         return Server(s.get("enabled", True), host.strip("[]"), port, token)
 
@@ -945,9 +931,7 @@ def describe(spec: Spec) -> str:
         lines.append(f"    rollback: {'; '.join(g.name for g in r.rollback) or 'none'}")
     sinks = ", ".join(s.type + (f" {s.path}" if s.path else "") for s in spec.sinks)
     lines.append(f"  sinks: {sinks}; queue {spec.queue.size} ({spec.queue.overflow})")
-    lines.append(
-        f"  server: {spec.server.host}:{spec.server.port}" if spec.server.enabled else "  server: off"
-    )
+    lines.append(f"  server: {spec.server.host}:{spec.server.port}" if spec.server.enabled else "  server: off")
     return "\n".join(lines)
 
 

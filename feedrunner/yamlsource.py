@@ -24,8 +24,7 @@ MAX_DEPTH = 64
 
 _VAR = re.compile(r"\$\$|\$\{([^}]*)\}|\$\{")
 _PLAIN_TAGS = frozenset(
-    f"tag:yaml.org,2002:{t}"
-    for t in ("map", "seq", "str", "int", "float", "bool", "null", "timestamp", "merge")
+    f"tag:yaml.org,2002:{t}" for t in ("map", "seq", "str", "int", "float", "bool", "null", "timestamp", "merge")
 )
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -139,9 +138,7 @@ class _Builder:
                 continue
             key = str(key_node.value)  # the text as written: `on`, `1`, `null` stay strings
             if key in seen:
-                self.add(
-                    (*path, key), key_node.start_mark, f"duplicate key '{key}' (first at line {seen[key]})"
-                )
+                self.add((*path, key), key_node.start_mark, f"duplicate key '{key}' (first at line {seen[key]})")
                 continue
             seen[key] = key_node.start_mark.line + 1
             self.doc.marks[(*path, key)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
@@ -181,15 +178,11 @@ class _Builder:
                 return "$"
             expr = m.group(1)
             if expr is None:
-                self.add(
-                    path, mark, "unterminated '${': write ${VAR} or ${VAR:-default} ($$ for a literal $)"
-                )
+                self.add(path, mark, "unterminated '${': write ${VAR} or ${VAR:-default} ($$ for a literal $)")
                 return ""
             name, sep, default = expr.partition(":-")
             if not _NAME.fullmatch(name):
-                self.add(
-                    path, mark, f"bad variable reference '${{{expr}}}': write ${{VAR}} or ${{VAR:-default}}"
-                )
+                self.add(path, mark, f"bad variable reference '${{{expr}}}': write ${{VAR}} or ${{VAR:-default}}")
                 return ""
             names.append(name)
             value = self.env.get(name)
@@ -198,8 +191,7 @@ class _Builder:
                     self.add(
                         path,
                         mark,
-                        f"environment variable {name} is not set (write ${{{name}:-default}} "
-                        "to make it optional)",
+                        f"environment variable {name} is not set (write ${{{name}:-default}} to make it optional)",
                     )
                     return ""
                 value = default
@@ -229,9 +221,7 @@ def _check_depth(source: str) -> None:
             depth -= 1
 
 
-def load(
-    source: str | bytes, file: str, env: Mapping[str, str] | None = None
-) -> tuple[Document, list[Problem]]:
+def load(source: str | bytes, file: str, env: Mapping[str, str] | None = None) -> tuple[Document, list[Problem]]:
     """Parse one YAML document into plain data with locations; never raises for bad input."""
     doc = Document(file=file, data=None)
     if isinstance(source, bytes):
@@ -242,8 +232,7 @@ def load(
                     0,
                     0,
                     "",
-                    f"file is {len(source) / 1e6:.1f} MB; a spec may be at most "
-                    f"{MAX_BYTES // (1024 * 1024)} MiB",
+                    f"file is {len(source) / 1e6:.1f} MB; a spec may be at most {MAX_BYTES // (1024 * 1024)} MiB",
                 )
             ]
         try:

@@ -120,9 +120,7 @@ async def test_streams_trades_tickers_and_books(run_adapter, transport):
         assert ticker.bid is not None and ticker.ask is not None and ticker.bid < ticker.ask
     trade = out.of(Trade)[-1]
     assert trade.ts_exchange and trade.ts_received >= trade.ts_exchange - 50_000_000
-    expected = {"websocket": {"websocket"}, "polling": {"polling"}, "hybrid": {"websocket", "polling"}}[
-        transport
-    ]
+    expected = {"websocket": {"websocket"}, "polling": {"polling"}, "hybrid": {"websocket", "polling"}}[transport]
     assert {e.transport for e in out.of(Trade)} <= expected
     if transport != "hybrid":
         assert {e.transport for e in out.events} == expected
@@ -141,9 +139,7 @@ async def test_survives_fault_with_every_trade_once_and_contiguous(run_adapter, 
         f"trades to flow again after {fault}",
     )
     # A long enough outage may open the breaker (polling meanwhile); either way streaming comes back.
-    await wait_until(
-        lambda: all(t.transport == "websocket" for t in out.of(Trade)[-10:]), 15, "websocket again"
-    )
+    await wait_until(lambda: all(t.transport == "websocket" for t in out.of(Trade)[-10:]), 15, "websocket again")
     out.assert_contiguous()
     if fault != "malformed":
         assert sample(adapter, "feedrunner_reconnects_total") >= 1
@@ -196,9 +192,7 @@ async def test_breaker_falls_back_to_polling_and_returns_to_websocket(run_adapte
     assert adapter.conn.state is ConnState.DEGRADED
     await wait_until(lambda: adapter.breaker.state is BreakerState.CLOSED, 15, "a successful half-open probe")
     n = len(out.events)
-    await wait_until(
-        lambda: sum(e.transport == "websocket" for e in out.events[n:]) > 30, 10, "websocket again"
-    )
+    await wait_until(lambda: sum(e.transport == "websocket" for e in out.events[n:]) > 30, 10, "websocket again")
     await asyncio.sleep(0.5)
     assert adapter.status()["symbols"] == dict.fromkeys(SYMBOLS, "websocket")
     out.assert_contiguous()

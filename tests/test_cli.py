@@ -79,9 +79,7 @@ def test_run_dry_run_prints_the_plan(capsys):
         ("version: 1\nvenues: [\n", "YAML syntax error"),
         (
             "a: &a [1,1,1,1,1,1,1,1,1,1]\n"
-            + "".join(
-                f"{c}: &{c} [{','.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefg", "bcdefgh", strict=True)
-            ),
+            + "".join(f"{c}: &{c} [{','.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefg", "bcdefgh", strict=True)),
             "alias bomb",
         ),
     ],

@@ -78,9 +78,7 @@ def test_run_streams_to_jsonl_and_exits_zero_on_sigterm(tmp_path: Path):
     assert set(ids) == {"BTC/USDT", "ETH/USDT", "SOL/USDT"}
     for symbol, seq in ids.items():
         assert seq == list(range(seq[0], seq[0] + len(seq))), f"{symbol} trade ids not contiguous"
-    books = [
-        json.loads(line) for line in (tmp_path / "out" / "binance" / "book.jsonl").read_text().splitlines()
-    ]
+    books = [json.loads(line) for line in (tmp_path / "out" / "binance" / "book.jsonl").read_text().splitlines()]
     assert books and all(len(b["bids"]) <= 5 and b["bids"][0][0] < b["asks"][0][0] for b in books)
     tickers = (tmp_path / "out" / "binance" / "ticker.jsonl").read_text().splitlines()
     assert tickers and json.loads(tickers[-1])["bid"] is not None

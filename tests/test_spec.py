@@ -199,9 +199,7 @@ def test_venue_section_invalid(venue, expected):
 
 
 def test_version_must_be_1():
-    assert problems(MINIMAL.replace("version: 1", "version: 2")) == [
-        "feeds.yaml:1:1: version: must be 1 (got 2)"
-    ]
+    assert problems(MINIMAL.replace("version: 1", "version: 2")) == ["feeds.yaml:1:1: version: must be 1 (got 2)"]
 
 
 def test_venue_name_must_be_a_slug():
@@ -238,9 +236,7 @@ def test_duplicate_symbol_is_located():
               - ETH/USDT
               - BTC/USDT
     """)
-    assert found == [
-        "feeds.yaml:9:9: venues.binance.symbols[2]: duplicate symbol 'BTC/USDT' (also at symbols[0])"
-    ]
+    assert found == ["feeds.yaml:9:9: venues.binance.symbols[2]: duplicate symbol 'BTC/USDT' (also at symbols[0])"]
 
 
 def test_backoff_base_above_cap_points_at_cap():
@@ -297,12 +293,8 @@ def test_polling_stale_after_must_exceed_poll_interval():
 
 def test_ib_market_data_lines_enforced():
     syms = ", ".join(f"S{i}" for i in range(6))
-    found = problems(
-        f"version: 1\nvenues:\n  ib: {{adapter: ib, symbols: [{syms}], market_data_lines: 10}}\n"
-    )
-    assert any(
-        "needs 12 market-data lines (6 symbols x 2 channels) but market_data_lines is 10" in p for p in found
-    )
+    found = problems(f"version: 1\nvenues:\n  ib: {{adapter: ib, symbols: [{syms}], market_data_lines: 10}}\n")
+    assert any("needs 12 market-data lines (6 symbols x 2 channels) but market_data_lines is 10" in p for p in found)
 
 
 def test_futu_quota_enforced():
@@ -379,9 +371,7 @@ def test_threshold_units_match_the_metric(gate, expected):
 
 
 def test_baseline_and_target_must_differ():
-    found = problems(
-        ROLLOUT + "  baseline: polling\n  target: polling\n  phases: [{name: a, symbols: all}]\n"
-    )
+    found = problems(ROLLOUT + "  baseline: polling\n  target: polling\n  phases: [{name: a, symbols: all}]\n")
     assert any("target must differ from baseline (polling)" in p for p in found)
 
 
@@ -420,9 +410,7 @@ def test_env_interpolation_types_and_defaults():
     ib = spec.venue("ib")
     assert (ib.host, ib.port, ib.client_id) == ("127.0.0.1", 4002, 7)
     creds = spec.venue("binance").credentials
-    assert (
-        isinstance(creds["api_key"], Secret) and creds["api_key"].reveal() == "12345"
-    )  # schema wants a string
+    assert isinstance(creds["api_key"], Secret) and creds["api_key"].reveal() == "12345"  # schema wants a string
     assert "s3cr3t" not in repr(spec)
     assert spec.server.port == 9200 and spec.server.token is None
     assert spec.sinks[0].path == "$5/{venue}.jsonl"

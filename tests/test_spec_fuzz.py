@@ -114,9 +114,7 @@ def test_arbitrary_yaml_documents(doc):
     st.fixed_dictionaries(
         {
             "version": st.just(1) | scalars,
-            "venues": st.dictionaries(
-                st.sampled_from(["binance", "ib", "futu", "Bad"]), documents, max_size=3
-            ),
+            "venues": st.dictionaries(st.sampled_from(["binance", "ib", "futu", "Bad"]), documents, max_size=3),
         },
         optional={"rollout": documents, "defaults": documents, "queue": documents, "server": documents},
     )

@@ -24,7 +24,9 @@ from feedrunner.resilience import (
     BackoffTimer,
     BreakerState,
     CircuitBreaker,
+    Classified,
     ConnState,
+    ErrorKind,
     StateMachine,
     Watchdog,
 )
@@ -51,9 +53,9 @@ class Adapter(ABC):
         self.changed = asyncio.Event()
         self.stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.retries: deque[tuple[float, float, str]] = deque(
-            maxlen=100
-        )  # (monotonic, delay, why): status, tests
+        self._metric_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._last_error = ""
+        self.retries: deque[tuple[float, float, str]] = deque(maxlen=100)  # (monotonic, delay, why): status, tests
         for state in ConnState:
             metrics.connection_state.labels(venue.name, state.value).set(0)
         metrics.connection_state.labels(venue.name, ConnState.DISCONNECTED.value).set(1)
@@ -129,9 +131,7 @@ class Adapter(ABC):
     def _reap(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            logger.opt(exception=task.exception()).error(
-                "venue {} task {} crashed", self.name, task.get_name()
-            )
+            logger.opt(exception=task.exception()).error("venue {} task {} crashed", self.name, task.get_name())
 
     def symbol_breaker(self, symbol: str) -> CircuitBreaker:
         b = self.symbol_breakers.get(symbol)
@@ -149,12 +149,51 @@ class Adapter(ABC):
             self.metrics.quarantined.labels(self.name).set(len(self.quarantined))
             self.changed.set()
 
+    async def deliver(self, event: Event) -> None:
+        counter, histogram = self._children(event.transport, event.kind)
+        counter.inc()
+        if event.ts_exchange:
+            histogram.observe(max(0.0, (event.ts_received - event.ts_exchange) / 1e9))
+        await self.emit(event)
+
+    def _children(self, transport: str, kind: str) -> tuple[Any, Any]:
+        """Labelled metric children, looked up once: labels() costs more than the event's own parsing."""
+        key = (transport, kind)
+        pair = self._metric_children.get(key)
+        if pair is None:
+            pair = self._metric_children[key] = (
+                self.metrics.messages.labels(self.name, transport, kind),
+                self.metrics.latency.labels(self.name, transport),
+            )
+        return pair
+
+    def count(self, c: Classified, exc: BaseException, symbol: str | None) -> None:
+        self.metrics.errors.labels(self.name, c.kind.value).inc()
+        self._last_error = f"{c.kind}: {short(exc)}"
+        if c.kind not in (ErrorKind.NETWORK,):
+            logger.warning("venue {}{} error ({}): {}", self.name, f" {symbol}" if symbol else "", c.kind, short(exc))
+
+    def fail_auth(self, exc: BaseException) -> None:
+        """Credentials rejected: retrying only gets the key banned. Stop this venue; an operator must act."""
+        logger.error(
+            "venue {} stopped: authentication failed: {}. Fix the credentials and restart.",
+            self.name,
+            short(exc),
+        )
+        self.conn.move(ConnState.FAILED, f"authentication failed: {short(exc)}")
+        self.stopping.set()
+
+    def seen(self, symbol: str, channel: str) -> None:
+        """A streamed message arrived: feed the watchdog, and let a recovering symbol breaker close."""
+        self.watchdog.seen((symbol, channel))
+        breaker = self.symbol_breakers.get(symbol)
+        if breaker is not None and (breaker.failures or breaker._state is not BreakerState.CLOSED):
+            breaker.success()
+
     def _on_state(self, venue: str, old: ConnState, new: ConnState, reason: str) -> None:
         self.metrics.connection_state.labels(venue, old.value).set(0)
         self.metrics.connection_state.labels(venue, new.value).set(1)
-        self.metrics.connection_up.labels(venue).set(
-            1 if new in (ConnState.CONNECTED, ConnState.DEGRADED) else 0
-        )
+        self.metrics.connection_up.labels(venue).set(1 if new in (ConnState.CONNECTED, ConnState.DEGRADED) else 0)
 
     def _on_breaker(self, breaker: CircuitBreaker, old: BreakerState, new: BreakerState, reason: str) -> None:
         scope = "venue" if breaker is self.breaker else "symbol"
@@ -209,3 +248,8 @@ class TradeContinuity:
 
 def now_ns() -> int:
     return time.time_ns()
+
+
+def short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return text if len(text) <= 200 else text[:197] + "..."

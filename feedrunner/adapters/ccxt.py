@@ -21,6 +21,7 @@ import ccxt.pro
 from loguru import logger
 
 from feedrunner.adapters.base import Adapter, Emit, TradeContinuity, now_ns
+from feedrunner.adapters.base import short as _short
 from feedrunner.events import Book, Ticker, Trade, ms_to_ns
 from feedrunner.metrics import Metrics
 from feedrunner.resilience import BreakerState, Classified, ConnState, ErrorKind, sleep_or_stop
@@ -68,13 +69,10 @@ class CcxtAdapter(Adapter):
         self._retry_at = 0.0  # monotonic time before which no loop may reconnect
         self._ws_sets: dict[str, tuple[str, ...]] = {}  # loop name -> symbols it serves
         self._loops: dict[str, asyncio.Task[Any]] = {}
-        self._last_error = ""
         self._up_since: float | None = None  # when the websocket last started delivering
         self._probe_window = min(venue.stale_after.values(), default=5.0)
         self._seen_stamp: dict[tuple[str, str], Any] = {}
-        self._metric_children: dict[
-            tuple[str, str], tuple[Any, Any]
-        ] = {}  # last ticker timestamp / book nonce emitted
+        self._metric_children: dict[tuple[str, str], tuple[Any, Any]] = {}  # last ticker timestamp / book nonce emitted
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -125,9 +123,9 @@ class CcxtAdapter(Adapter):
                 return True
             except Exception as exc:  # every failure is classified; none escapes
                 c = classify(exc)
-                self._count(c, exc, None)
+                self.count(c, exc, None)
                 if c.kind is ErrorKind.AUTH:
-                    self._fail_auth(exc)
+                    self.fail_auth(exc)
                     return False
                 if self.backoff.exhausted:
                     self.conn.move(ConnState.FAILED, f"gave up after {self.backoff.attempts} attempts: {exc}")
@@ -229,9 +227,7 @@ class CcxtAdapter(Adapter):
                 task = asyncio.current_task()
                 if self.stopping.is_set() or (task is not None and task.cancelling()):
                     raise  # we are being stopped
-                await self._ws_failed(
-                    ccxt.NetworkError(f"watch cancelled by the client library: {exc}"), symbols
-                )
+                await self._ws_failed(ccxt.NetworkError(f"watch cancelled by the client library: {exc}"), symbols)
             except Exception as exc:
                 await self._ws_failed(exc, symbols)
 
@@ -282,20 +278,18 @@ class CcxtAdapter(Adapter):
     async def _ws_failed(self, exc: BaseException, symbols: list[str]) -> None:
         c = classify(exc)
         if c.kind is ErrorKind.BAD_SYMBOL:
-            bad = [s for s in symbols if s in str(exc) or self.exchange.market_id(s) in str(exc)] or symbols[
-                :1
-            ]
+            bad = [s for s in symbols if s in str(exc) or self.exchange.market_id(s) in str(exc)] or symbols[:1]
             for s in bad:
                 self.quarantine(s, _short(exc))
             return
         if c.kind is ErrorKind.AUTH:
-            self._count(c, exc, None)
-            self._fail_auth(exc)
+            self.count(c, exc, None)
+            self.fail_auth(exc)
             return
         now = time.monotonic()
         if now < self._retry_at:
             return  # another loop already counted this outage and set the retry time
-        self._count(c, exc, None)
+        self.count(c, exc, None)
         self._up_since = None
         self.breaker.failure(f"{c.kind}: {_short(exc)}")
         self.metrics.reconnects.labels(self.name).inc()
@@ -358,12 +352,6 @@ class CcxtAdapter(Adapter):
             with contextlib.suppress(Exception):
                 await client.aiohttp_close()
 
-    def _ws_seen(self, symbol: str, channel: str) -> None:
-        self.watchdog.seen((symbol, channel))
-        breaker = self.symbol_breakers.get(symbol)
-        if breaker is not None and (breaker.failures or breaker._state is not BreakerState.CLOSED):
-            breaker.success()
-
     # -- polling -----------------------------------------------------------------------------------
 
     async def _poll_loop(self, channel: str, symbol: str) -> None:
@@ -380,21 +368,18 @@ class CcxtAdapter(Adapter):
                 else:
                     await self._on_book(await ex.fetch_order_book(symbol, self._book_limit()), "polling")
                 failures = 0
-                if (
-                    self.conn.state in (ConnState.RECONNECTING, ConnState.CONNECTING)
-                    and not self._streaming()
-                ):
+                if self.conn.state in (ConnState.RECONNECTING, ConnState.CONNECTING) and not self._streaming():
                     self.conn.move(ConnState.CONNECTED, "polling")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 c = classify(exc)
-                self._count(c, exc, symbol)
+                self.count(c, exc, symbol)
                 if c.kind is ErrorKind.BAD_SYMBOL:
                     self.quarantine(symbol, _short(exc))
                     return
                 if c.kind is ErrorKind.AUTH:
-                    self._fail_auth(exc)
+                    self.fail_auth(exc)
                     return
                 failures += 1
                 wait = min(
@@ -442,9 +427,7 @@ class CcxtAdapter(Adapter):
         ex = self.exchange
         market = ex.market(symbol)
         if ex.apiKey:
-            raw = await ex.publicGetHistoricalTrades(
-                {"symbol": market["id"], "fromId": from_id, "limit": 1000}
-            )
+            raw = await ex.publicGetHistoricalTrades({"symbol": market["id"], "fromId": from_id, "limit": 1000})
         else:
             raw = await ex.publicGetTrades({"symbol": market["id"], "limit": 1000})
         return [t for t in ex.parse_trades(raw, market) if int(t["id"]) >= from_id]
@@ -475,12 +458,12 @@ class CcxtAdapter(Adapter):
             last = self.continuity.last.get(symbol)
             fresh, missing = self.continuity.check(event)
             if transport == "websocket":
-                self._ws_seen(symbol, "trades")
+                self.seen(symbol, "trades")
             if not fresh:
                 continue
             if missing and last is not None:
                 await self._backfill(symbol, last, int(event.id), missing)  # type: ignore[arg-type]
-            await self._deliver(event)
+            await self.deliver(event)
 
     async def _backfill(self, symbol: str, last: int, upto: int, missing: int) -> None:
         """Recover trades (last, upto) over REST, in order, once; count whatever cannot be had."""
@@ -496,7 +479,7 @@ class CcxtAdapter(Adapter):
                 for t in sorted(got, key=lambda t: int(t["id"])):
                     if int(t["id"]) != cursor + 1:
                         break  # the venue's history has a hole too: stop, count the rest as lost
-                    await self._deliver(
+                    await self.deliver(
                         Trade(
                             self.name,
                             symbol,
@@ -517,7 +500,7 @@ class CcxtAdapter(Adapter):
                 break
         except Exception as exc:
             c = classify(exc)
-            self._count(c, exc, symbol)
+            self.count(c, exc, symbol)
             logger.warning("venue {} backfill {} failed ({}): {}", self.name, symbol, c.kind, _short(exc))
         lost = missing - recovered
         self.metrics.trades_backfilled.labels(self.name).inc(recovered)
@@ -545,8 +528,8 @@ class CcxtAdapter(Adapter):
     async def _on_ticker(self, t: dict[str, Any], transport: str) -> None:
         symbol = t["symbol"]
         if transport == "websocket":
-            self._ws_seen(symbol, "ticker")
-        await self._deliver(
+            self.seen(symbol, "ticker")
+        await self.deliver(
             Ticker(
                 self.name,
                 symbol,
@@ -563,9 +546,9 @@ class CcxtAdapter(Adapter):
     async def _on_book(self, ob: dict[str, Any], transport: str) -> None:
         symbol = ob["symbol"]
         if transport == "websocket":
-            self._ws_seen(symbol, "book")
+            self.seen(symbol, "book")
         depth = self.venue.book_depth
-        await self._deliver(
+        await self.deliver(
             Book(
                 self.name,
                 symbol,
@@ -578,43 +561,7 @@ class CcxtAdapter(Adapter):
             )
         )
 
-    async def _deliver(self, event: Trade | Ticker | Book) -> None:
-        counter, histogram = self._children(event.transport, event.kind)
-        counter.inc()
-        if event.ts_exchange:
-            histogram.observe(max(0.0, (event.ts_received - event.ts_exchange) / 1e9))
-        await self.emit(event)
-
-    def _children(self, transport: str, kind: str) -> tuple[Any, Any]:
-        """Labelled metric children, looked up once: labels() costs more than the event's own parsing."""
-        key = (transport, kind)
-        pair = self._metric_children.get(key)
-        if pair is None:
-            pair = self._metric_children[key] = (
-                self.metrics.messages.labels(self.name, transport, kind),
-                self.metrics.latency.labels(self.name, transport),
-            )
-        return pair
-
     # -- errors ------------------------------------------------------------------------------------
-
-    def _count(self, c: Classified, exc: BaseException, symbol: str | None) -> None:
-        self.metrics.errors.labels(self.name, c.kind.value).inc()
-        self._last_error = f"{c.kind}: {_short(exc)}"
-        if c.kind not in (ErrorKind.NETWORK,):
-            logger.warning(
-                "venue {}{} error ({}): {}", self.name, f" {symbol}" if symbol else "", c.kind, _short(exc)
-            )
-
-    def _fail_auth(self, exc: BaseException) -> None:
-        """Credentials rejected: retrying only gets the key banned. Stop this venue; an operator must act."""
-        logger.error(
-            "venue {} stopped: authentication failed: {}. Fix the credentials and restart.",
-            self.name,
-            _short(exc),
-        )
-        self.conn.move(ConnState.FAILED, f"authentication failed: {_short(exc)}")
-        self.stopping.set()
 
 
 def _retry_after(exchange: Any) -> float | None:
@@ -624,8 +571,3 @@ def _retry_after(exchange: Any) -> float | None:
             with contextlib.suppress(ValueError):
                 return float(value)
     return None
-
-
-def _short(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-    return text if len(text) <= 200 else text[:197] + "..."

@@ -64,9 +64,7 @@ class Client:
 
     def tick_count(self, con_id: int | None = None, kind: type | None = None) -> int:
         return sum(
-            1
-            for cid, x in self.ticks
-            if (con_id is None or cid == con_id) and (kind is None or isinstance(x, kind))
+            1 for cid, x in self.ticks if (con_id is None or cid == con_id) and (kind is None or isinstance(x, kind))
         )
 
 
@@ -116,9 +114,7 @@ async def test_connect_async_completes_startup_sync(sim: TwsSim, clients: Callab
     assert sim.stats["clients"] == 1
 
 
-async def test_bare_client_handshake_for_data_only_adapters(
-    sim: TwsSim, clients: Callable[[], Client]
-) -> None:
+async def test_bare_client_handshake_for_data_only_adapters(sim: TwsSim, clients: Callable[[], Client]) -> None:
     c = clients()
     await asyncio.wait_for(c.ib.client.connectAsync(HOST, sim.port, 2, 3.0), 5)  # type: ignore[no-untyped-call]
     assert c.ib.client.isReady()
@@ -145,9 +141,7 @@ async def test_qualify_stock_and_forex(sim: TwsSim, clients: Callable[[], Client
     assert details.tradingSessions()
 
 
-async def test_unknown_contract_is_error_200_and_not_qualified(
-    sim: TwsSim, clients: Callable[[], Client]
-) -> None:
+async def test_unknown_contract_is_error_200_and_not_qualified(sim: TwsSim, clients: Callable[[], Client]) -> None:
     c = clients()
     ib = await c.connect(sim.port)
     bogus = Stock("NOSUCH", "SMART", "USD")
@@ -180,8 +174,7 @@ async def test_mkt_data_five_stocks_and_fx_update(sim: TwsSim, clients: Callable
     first = [(t.bid, t.ask, t.last) for t in tickers]
     await until(
         lambda: (
-            all(t.bidSize > 0 and t.askSize > 0 for t in tickers)
-            and all(c.tick_count(x.conId) > 20 for x in contracts)
+            all(t.bidSize > 0 and t.askSize > 0 for t in tickers) and all(c.tick_count(x.conId) > 20 for x in contracts)
         ),
         what="a stream of ticks on every line",
     )
@@ -259,9 +252,7 @@ async def test_line_limit_error_101(clients: Callable[[], Client]) -> None:
         assert 300 not in c.codes()
 
 
-async def test_duplicate_client_id_error_326_and_disconnect(
-    sim: TwsSim, clients: Callable[[], Client]
-) -> None:
+async def test_duplicate_client_id_error_326_and_disconnect(sim: TwsSim, clients: Callable[[], Client]) -> None:
     first, second = clients(), clients()
     await first.connect(sim.port, client_id=7)
     # ib_async never sees apiStart, so connectAsync only gives up at its own timeout.
