@@ -36,6 +36,23 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("schema", help="print the JSON Schema of feeds.yaml")
 
+    for name, text in (
+        ("status", "show the running runner: venues, transports, rates, rollout"),
+        ("rollout", "show or steer the rollout of the running runner"),
+    ):
+        c = sub.add_parser(name, help=text)
+        if name == "rollout":
+            c.add_argument(
+                "action",
+                nargs="?",
+                default="status",
+                choices=("status", "promote", "pause", "resume", "abort", "retry"),
+            )
+            c.add_argument("--full", action="store_true", help="promote: jump to the end of the rollout")
+        c.add_argument("--file", "-f", default="feeds.yaml", help="feeds.yaml whose server.listen to talk to")
+        c.add_argument("--url", help="control server URL (default: from feeds.yaml server.listen)")
+        c.add_argument("--json", action="store_true", help="print the JSON the server returned")
+
     s = sub.add_parser("sim", help="run a venue simulator standalone (for demos and manual tests)")
     s.add_argument("venue", choices=("binance", "ib", "futu"))
     s.add_argument("--host", default="127.0.0.1")
@@ -140,6 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "sim":
             return _sim(args)
+        if args.command in ("status", "rollout"):
+            from feedrunner.statuscli import command
+
+            return command(args)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

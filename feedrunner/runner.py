@@ -14,13 +14,25 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
+import sqlalchemy as sa
+from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from loguru import logger
+from prometheus_client import Gauge
 
+from feedrunner import jobs
 from feedrunner.adapters.base import Adapter
+from feedrunner.alerts import Alerts
+from feedrunner.control import ControlServer
 from feedrunner.events import Event
+from feedrunner.health import Health
 from feedrunner.metrics import Metrics
+from feedrunner.resilience import ConnState
+from feedrunner.rollout import Controller, Store, engine_for
+from feedrunner.rollout import State as RolloutState
 from feedrunner.sinks import build as build_sink
 from feedrunner.sinks.base import Sink
 from feedrunner.spec import Spec, Venue
@@ -31,7 +43,8 @@ BATCH = 2048
 class Pipeline:
     """The bounded queue between adapters and sinks, with the overflow policy from the spec."""
 
-    def __init__(self, spec: Spec, sinks: list[Sink], metrics: Metrics) -> None:
+    def __init__(self, spec: Spec, sinks: list[Sink], metrics: Metrics, health: Health | None = None) -> None:
+        self.health = health
         self.queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=spec.queue.size)
         self.block = spec.queue.overflow == "block"
         self.sinks = sinks
@@ -69,6 +82,9 @@ class Pipeline:
 
     def _write(self, batch: list[Event]) -> None:
         self.metrics.queue_depth.set(self.queue.qsize())
+        if self.health is not None:
+            for event in batch:
+                self.health.observe(event)
         for sink in self.sinks:
             events = batch if len(sink.kinds) == 3 else [e for e in batch if e.kind in sink.kinds]
             try:
@@ -77,6 +93,8 @@ class Pipeline:
                 self.metrics.sink_errors.labels(sink.name).inc()
                 logger.error("sink {} failed to write {} events: {}", sink.name, len(events), exc)
         self.written += len(batch)
+        if self.health is not None:
+            self.health.observe_written(batch[-1], time.time_ns())
 
     def _flush(self) -> None:
         for sink in self.sinks:
@@ -124,23 +142,57 @@ class Runner:
         self.adapters: dict[str, Adapter] = {}
         self.skipped: dict[str, str] = {}
         self.sims: list[Any] = []
-        self.pipeline = Pipeline(spec, [build_sink(s) for s in spec.sinks], self.metrics)
+        windows = [c.window for c in spec.health.checks]
+        if spec.rollout:
+            windows += [c.window for c in (*spec.rollout.gates, *spec.rollout.rollback)]
+        self.health = Health(windows)
+        self.pipeline = Pipeline(spec, [build_sink(s) for s in spec.sinks], self.metrics, self.health)
+        self.alerts = Alerts(spec.health.webhook, self.metrics.registry)
+        self.rollout: Controller | None = None
+        self.scheduler: AsyncIOScheduler | None = None
+        self.control: ControlServer | None = None
+        self._sampler: asyncio.Task[None] | None = None
+        self._seen_counts: dict[tuple[str, str], float] = {}
+        self.engine: sa.Engine | None = None
+        self.rollout_phase = Gauge(
+            "feedrunner_rollout_phase",
+            "Current rollout phase (1-based; 0 before the first).",
+            registry=self.metrics.registry,
+        )
+        self.rollout_state = Gauge(
+            "feedrunner_rollout_state", "1 for the rollout's current state.", ["state"], registry=self.metrics.registry
+        )
+
+    # -- desired state ---------------------------------------------------------------------------------
 
     def desired(self) -> dict[str, dict[str, str]]:
-        """Transport wanted per venue and symbol; the rollout refines it, breakers apply in adapters."""
-        return {v.name: dict.fromkeys(v.symbols, v.transport) for v in self.spec.venues if v.enabled}
+        """Transport wanted per venue and symbol: the rollout's choice where there is one, else the venue's.
+        Breakers then override inside each adapter."""
+        venues = [v for v in self.spec.venues if v.enabled]
+        if self.rollout is None:
+            return {v.name: dict.fromkeys(v.symbols, v.transport) for v in venues}
+        targets = self.rollout.target_symbols()
+        return {v.name: {s: self.rollout.transport_for(v.name, s, targets) for s in v.symbols} for v in venues}
 
     def reconcile(self) -> None:
         for venue, wanted in self.desired().items():
             adapter = self.adapters.get(venue)
             if adapter is not None:
                 adapter.apply(wanted)
+        self.refresh_gauges()
+
+    # -- lifecycle -------------------------------------------------------------------------------------
 
     async def start(self) -> None:
         venues = [v for v in self.spec.venues if v.enabled]
         if self.spec.environment == "simulator":
             venues = [await self._simulate(v) for v in venues]
+        self.engine = engine_for(self.spec.state_url)  # one engine for our tables and the job store
+        if self.spec.rollout is not None and self.spec.rollout.enabled:
+            store = Store(self.engine)
+            self.rollout = Controller(self.spec, store, self.health, on_change=self.reconcile)
         self.pipeline.start()
+        self.alerts.start()
         for venue in venues:
             cls = adapter_class(venue)
             if cls is None:
@@ -153,7 +205,43 @@ class Runner:
             self.adapters[venue.name] = adapter
             await adapter.start()
         self.reconcile()
+        self._sampler = asyncio.create_task(self._sample(), name="health-sampler")
+        await self._start_scheduler()
+        if self.spec.server.enabled:
+            self.control = ControlServer(self)
+            await self.control.start()
         logger.info("runner started: {} venue(s) running, {} skipped", len(self.adapters), len(self.skipped))
+
+    async def _start_scheduler(self) -> None:
+        """Persistent APScheduler jobs with fixed ids: a restart replaces them, never duplicates them."""
+        jobs.bind(self)
+        self.scheduler = AsyncIOScheduler(
+            jobstores={"default": SQLAlchemyJobStore(url=self.spec.state_url)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 300},
+        )
+        interval = self.spec.health.interval
+        self.scheduler.add_job(
+            "feedrunner.jobs:health_job",
+            "interval",
+            seconds=interval,
+            id="health",
+            name="health checks",
+            replace_existing=True,
+        )
+        if self.rollout is not None:
+            self.scheduler.add_job(
+                "feedrunner.jobs:rollout_job",
+                "interval",
+                seconds=interval,
+                id="rollout",
+                name="rollout gates and triggers",
+                replace_existing=True,
+                next_run_time=datetime.now(UTC),
+            )
+        else:
+            with contextlib.suppress(Exception):
+                self.scheduler.remove_job("rollout")
+        self.scheduler.start()
 
     async def _simulate(self, venue: Venue) -> Venue:
         """Start the built-in simulator for a venue and point the venue at it (only for adapters that exist)."""
@@ -186,21 +274,136 @@ class Runner:
         return dataclasses.replace(venue, host="127.0.0.1", port=sim.port)
 
     async def stop(self) -> None:
+        if self.scheduler is not None:
+            with contextlib.suppress(Exception):
+                self.scheduler.shutdown(wait=False)
+        jobs.bind(None)
+        if self.control is not None:
+            await self.control.stop()
+        if self._sampler is not None:
+            self._sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sampler
         for adapter in self.adapters.values():
             await adapter.stop()
         await self.pipeline.drain_and_close()
+        await self.alerts.stop()
         for sim in self.sims:
             with contextlib.suppress(Exception):
                 await sim.stop()
+        if self.engine is not None:
+            self.engine.dispose()
         logger.info("runner stopped: {} events written", self.pipeline.written)
 
+    # -- health ----------------------------------------------------------------------------------------
+
+    async def _sample(self) -> None:
+        """Once a second: each venue up or not, and its new errors and reconnects, into the health windows."""
+        while True:
+            await asyncio.sleep(1.0)
+            for name, adapter in self.adapters.items():
+                self.health.sample_up(name, not self._venue_problem(name, adapter))
+                for metric, feed in (
+                    ("feedrunner_errors_total", self.health.error),
+                    ("feedrunner_reconnects_total", self.health.reconnect),
+                ):
+                    total = sum(
+                        s.value
+                        for m in self.metrics.registry.collect()
+                        if m.name + "_total" == metric or m.name == metric
+                        for s in m.samples
+                        if s.labels.get("venue") == name and s.name == metric
+                    )
+                    delta = int(total - self._seen_counts.get((name, metric), 0.0))
+                    self._seen_counts[(name, metric)] = total
+                    for _ in range(max(0, delta)):
+                        feed(name)
+
+    def _venue_problem(self, name: str, adapter: Adapter) -> str | None:
+        if adapter.conn.state not in (ConnState.CONNECTED, ConnState.DEGRADED):
+            return f"{name}: {adapter.conn.state.value} ({adapter.conn.reason})"
+        window = max(adapter.venue.stale_after.values(), default=15.0)
+        latest = max((t for (v, _, _), t in self.health.last_seen.items() if v == name), default=None)
+        if latest is None or time.time() - latest > window:
+            return f"{name}: no data for {window:g}s"
+        return None
+
+    def not_ready(self) -> list[str]:
+        """Why /readyz says 503: every enabled venue must be connected and delivering."""
+        problems = [p for n, a in self.adapters.items() if (p := self._venue_problem(n, a))]
+        problems += [f"{n}: skipped ({why})" for n, why in self.skipped.items()]
+        return problems
+
+    def health_tick(self) -> None:
+        keys = [(v.name, s) for v in self.spec.venues if v.enabled for s in v.symbols if v.name in self.adapters]
+        for check in self.spec.health.checks:
+            reading = self.health.evaluate(check, list(self.adapters), keys, None)
+            firing = reading.value is not None and check.holds(reading.value)
+            self.alerts.update(
+                check.name,
+                firing,
+                {"metric": check.metric, "value": reading.value, "threshold": check.threshold, "summary": check.name},
+            )
+        for name, adapter in self.adapters.items():
+            self.alerts.update(
+                f"venue {name} failed",
+                adapter.conn.state is ConnState.FAILED,
+                {"venue": name, "summary": adapter.conn.reason},
+            )
+        self.refresh_gauges()
+
+    def rollout_tick(self) -> None:
+        if self.rollout is None:
+            return
+        before = self.rollout.state
+        self.rollout.evaluate()
+        if self.rollout.state is not before:
+            self.alerts.update(
+                "rollout rolled back", self.rollout.state is RolloutState.ROLLED_BACK, {"summary": self.rollout.reason}
+            )
+        self.refresh_gauges()
+
+    def refresh_gauges(self) -> None:
+        if self.rollout is not None:
+            self.rollout_phase.set(self.rollout.index + 1)
+            for state in RolloutState:
+                self.rollout_state.labels(state.value).set(1 if state is self.rollout.state else 0)
+
     def status(self) -> dict[str, Any]:
-        return {
-            "venues": {n: a.status() for n, a in self.adapters.items()},
+        venues = {}
+        now = time.time()
+        for name, adapter in self.adapters.items():
+            st = adapter.status()
+            rows = {}
+            for symbol, transport in st["symbols"].items():
+                count, latency = self.health.per_symbol.get((name, symbol), (0, 0.0))
+                last = max(self.health.last_seen.get((name, symbol, t), 0.0) for t in ("websocket", "polling"))
+                rows[symbol] = {
+                    "transport": transport,
+                    "events": int(count),
+                    "latency_ms": round(latency * 1000, 2),
+                    "silent_seconds": round(now - last, 1) if last else None,
+                }
+            st["symbols"] = rows
+            st["rate_per_s"] = round(self.health.rate([name], 60).value or 0.0, 1)
+            venues[name] = st
+        rss, growth = self.health.memory()
+        out: dict[str, Any] = {
+            "venues": venues,
             "skipped": dict(self.skipped),
             "queue_depth": self.pipeline.queue.qsize(),
             "events_written": self.pipeline.written,
+            "ready": not self.not_ready(),
+            "not_ready": self.not_ready(),
+            "rss_mb": round(rss / 2**20, 1),
+            "rss_growth_mb": round(growth / 2**20, 1),
+            "alerts": sorted(self.alerts.active),
+            "rollout": self.rollout.status() if self.rollout else None,
         }
+        if self.scheduler is not None:
+            job = self.scheduler.get_job("rollout") or self.scheduler.get_job("health")
+            out["next_evaluation"] = job.next_run_time.timestamp() if job and job.next_run_time else None
+        return out
 
 
 def configure_logging(spec: Spec) -> None:
@@ -223,6 +426,12 @@ async def serve(spec: Spec, ready: Callable[[Runner], None] | None = None) -> in
             ready(runner)
         await stop.wait()
         logger.info("signal received: draining and stopping")
+    except OSError as exc:  # the control port taken, the state directory unwritable...
+        logger.error("cannot start: {}", exc)
+        return 69  # EX_UNAVAILABLE
+    except sa.exc.SQLAlchemyError as exc:
+        logger.error("cannot open the state store {}: {}", spec.state_url.split("@")[-1], exc.__class__.__name__)
+        return 69
     finally:
         await runner.stop()
     return 0

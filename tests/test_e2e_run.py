@@ -26,6 +26,8 @@ venues:
 sinks: [{type: jsonl, path: "out/{venue}/{kind}.jsonl", flush_interval: 200ms}]
 queue: {size: 1000, overflow: block}
 logging: {level: INFO, format: json}
+server: {listen: "127.0.0.1:0"}
+state: {url: "sqlite:///state/feedrunner.db"}
 """
 
 

@@ -9,6 +9,7 @@ from the shared seeded `MarketModel`, and injects TWS's failure modes through th
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import itertools
 import logging
@@ -16,11 +17,13 @@ import re
 import socket
 import struct
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from types import TracebackType
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from feedrunner.sim.faults import Fault, FaultBox
 from feedrunner.sim.market import MarketModel
@@ -39,6 +42,7 @@ _TBT = f"{Out.TICK_BY_TICK}\x00"
 _REQ_PARAMS = f"{Out.TICK_REQ_PARAMS}\x00"
 _MD_TYPE = f"{Out.MARKET_DATA_TYPE}\x001\x00"
 _MKT = 0  # _Sub.kind for reqMktData; 1..4 are the tick-by-tick types
+_HISTORY_MAX = 1000  # ticks per reqHistoricalTicks, as at IB
 
 _ACCOUNT_VALUES = (
     ("AccountType", "INDIVIDUAL", ""),
@@ -223,6 +227,8 @@ class TwsSim:
         max_lines: int = 100,
         server_version: int = 176,
         accounts: tuple[str, ...] = ("DU123456",),
+        keep_trading: float = 300.0,
+        history: int = 20_000,
     ) -> None:
         if not accounts:
             raise ValueError("ib_async waits for a non-empty managedAccounts before it is ready")
@@ -236,6 +242,12 @@ class TwsSim:
         self.max_lines = max_lines
         self.server_version = server_version
         self.accounts = tuple(accounts)
+        # A market does not stop trading when a client disconnects: contracts keep printing for
+        # `keep_trading` seconds after their last subscriber left, into a tape of `history` prints per
+        # contract that reqHistoricalTicks serves, so a client can backfill what an outage cost it.
+        self.keep_trading = keep_trading
+        self._prints: dict[str, deque[tuple[int, float, int]]] = {}
+        self._history = history
         self.market = MarketModel(seed)
         by_con_id = {int(d["conId"]): d for d in (*DEFAULT_CONTRACTS, *(contracts or ()))}  # extras override
         specs: list[ContractSpec] = []
@@ -273,6 +285,9 @@ class TwsSim:
         self._next_link_data_lost = True
         self._farm_down = False
         self._farm_timer: asyncio.TimerHandle | None = None
+        self._warm: dict[str, float] = {}  # key -> loop time until which it trades with no subscriber
+        self._paused_keys: set[str] = set()  # subscribed keys whose data is held back right now
+        self._denied: dict[str, int] = {}  # key -> error code answering its market-data requests
 
         self._connections = 0
         self._messages_sent = 0
@@ -281,6 +296,7 @@ class TwsSim:
         self._ticks_dropped = 0
         self._requests = 0
         self._unhandled = 0
+        self._history_requests = 0
 
         self._handlers: dict[int, Callable[[_Session, list[str]], None]] = {
             In.START_API: self._start_api,
@@ -302,6 +318,7 @@ class TwsSim:
             In.REQ_MANAGED_ACCTS: lambda s, f: s.send(Out.MANAGED_ACCTS, 1, ",".join(self.accounts)),
             In.REQ_CURRENT_TIME: lambda s, f: s.send(Out.CURRENT_TIME, 1, int(time.time())),
             In.REQ_MATCHING_SYMBOLS: self._req_matching_symbols,
+            In.REQ_HISTORICAL_TICKS: self._req_historical_ticks,
             In.PLACE_ORDER: lambda s, f: s.error(int(f[1]), 201),
             In.REQ_HISTORICAL_DATA: lambda s, f: s.error(int(f[1]), 162),
             In.REQ_AUTO_OPEN_ORDERS: lambda s, f: None,
@@ -442,6 +459,19 @@ class TwsSim:
             self._broadcast_error(2103)
         self._farm_timer = loop.call_later(duration, self._farm_restored)
 
+    def deny_market_data(self, symbol: str, code: int = 354) -> None:
+        """Answer market-data requests for `symbol` with `code` (354 not subscribed, 10197 competing session)."""
+        if code not in ERRORS:
+            raise ValueError(f"no TWS text for error {code}")
+        self._denied[symbol] = code
+
+    def allow_market_data(self, symbol: str) -> None:
+        self._denied.pop(symbol, None)
+
+    def prints(self, symbol: str) -> list[tuple[int, float, int]]:
+        """Every print of a contract still on the tape: (epoch ms, price, size), oldest first."""
+        return list(self._prints.get(symbol, ()))
+
     @property
     def stats(self) -> dict[str, Any]:
         """Counters for tests and the bench: clients are API-started sockets, lines count reqMktData only."""
@@ -460,6 +490,8 @@ class TwsSim:
             "listening": self._server is not None,
             "link_down": self._link_down,
             "farm_down": self._farm_down,
+            "history_requests": self._history_requests,
+            "trading": len(self._by_key) + len(self._warm),
         }
 
     # faults
@@ -668,6 +700,10 @@ class TwsSim:
             s.forgotten.add(req_id)
             s.error(req_id, 200)
             return
+        if spec.key in self._denied:
+            s.forgotten.add(req_id)
+            s.error(req_id, self._denied[spec.key])
+            return
         if snapshot:
             self._snapshot(s, req_id, spec, generic)
             return
@@ -704,6 +740,10 @@ class TwsSim:
             s.forgotten.add(req_id)
             s.error(req_id, 200)
             return
+        if spec.key in self._denied:
+            s.forgotten.add(req_id)
+            s.error(req_id, self._denied[spec.key])
+            return
         if req_id in s.mkt or req_id in s.tbt:
             s.error(req_id, 322)
             return
@@ -718,6 +758,52 @@ class TwsSim:
         else:
             s.forgotten.discard(req_id)
 
+    def _req_historical_ticks(self, s: _Session, f: list[str]) -> None:
+        """reqHistoricalTicks (96) -> historicalTicksLast (98), TRADES only, from the contract's tape.
+
+        Like IB: exactly one of start and end; at most 1000 ticks, but always whole seconds (the last
+        second from a start, the first second before an end), so paging on second boundaries is exact.
+        """
+        self._history_requests += 1
+        req_id = int(f[1])
+        q = ContractQuery.parse(f, 2)
+        start, end, count, what = f[15].strip(), f[16].strip(), int(f[17] or 0), f[18].strip().upper()
+        spec = self._resolve(q)
+        if spec is None:
+            s.error(req_id, 200)
+            return
+        if what != "TRADES":
+            s.error(req_id, 162, f"{ERRORS[162]} (the simulator keeps TRADES only, not {what or 'nothing'})")
+            return
+        if bool(start) == bool(end):
+            s.error(req_id, 321, "Error validating request.-'cB' : cause - exactly one of start and end must be set")
+            return
+        try:
+            edge_ms = int(_parse_ib_time(start or end).timestamp() * 1000)
+        except ValueError as exc:
+            s.error(req_id, 321, f"Error validating request.-'cB' : cause - {exc}")
+            return
+        count = min(max(count, 1), _HISTORY_MAX)
+        self._touch(spec.key)
+        tape = self._prints.get(spec.key, deque())
+        if start:
+            i = bisect.bisect_left(tape, edge_ms, key=lambda p: p[0])
+            j = min(len(tape), i + count)
+            while j < len(tape) and tape[j][0] // 1000 == tape[j - 1][0] // 1000:
+                j += 1
+        else:
+            j = bisect.bisect_right(tape, edge_ms + 999, key=lambda p: p[0])
+            i = max(0, j - count)
+            while i > 0 and tape[i - 1][0] // 1000 == tape[i][0] // 1000:
+                i -= 1
+        ticks = [tape[k] for k in range(i, j)] if tape else []
+        exchange = spec.primary_exchange or spec.exchange
+        fields: list[object] = [Out.HISTORICAL_TICKS_LAST, req_id, len(ticks)]
+        for ms, price, size in ticks:
+            fields += [ms // 1000, 0, price, size, exchange, ""]
+        fields.append(1)  # done
+        s.send(*fields)
+
     def _req_market_data_type(self, s: _Session, f: list[str]) -> None:
         # The sim only has live data; like TWS it reports the type per subscription, echoing the request.
         s.md_type = int(f[2])
@@ -726,6 +812,7 @@ class TwsSim:
 
     def _add_sub(self, sub: _Sub) -> None:
         s = sub.session
+        self._warm.pop(sub.spec.key, None)
         self._by_key.setdefault(sub.spec.key, {})[sub] = None
         if sub.kind == _MKT:
             s.mkt[sub.req_id] = sub
@@ -745,6 +832,9 @@ class TwsSim:
             subs.pop(sub, None)
             if not subs:
                 del self._by_key[key]
+                self._paused_keys.discard(key)
+                if self.keep_trading > 0 and self._loop is not None:
+                    self._warm[key] = self._loop.time() + self.keep_trading
         self._unprimed.pop(sub, None)
         table = sub.session.mkt if sub.kind == _MKT else sub.session.tbt
         if table.get(sub.req_id) is sub:
@@ -752,8 +842,16 @@ class TwsSim:
             if sub.kind == _MKT:
                 self._lines -= 1
 
+    def _touch(self, key: str) -> None:
+        """A contract someone asks about trades on, subscribed or not (a polling client never subscribes)."""
+        if key not in self._by_key and self.keep_trading > 0 and self._loop is not None:
+            if key not in self._warm:
+                self._wake.set()
+            self._warm[key] = self._loop.time() + self.keep_trading
+
     def _snapshot(self, s: _Session, req_id: int, spec: ContractSpec, generic: frozenset[str]) -> None:
         # A snapshot of a paused contract still ends (TWS gives up after ~11 s); it just carries no prices.
+        self._touch(spec.key)
         frames = self._prelude(req_id, spec, s.md_type)
         if not self._paused(spec.key):
             frames += [tick_frame(h, req_id, r) for h, r in self._state(self._tapes[spec.key], generic)]
@@ -829,6 +927,10 @@ class TwsSim:
             return
         size = max(1, round(trade.qty * lot))
         t.last, t.last_size, t.last_ms = trade.price, size, now_ms
+        tape = self._prints.get(spec.key)
+        if tape is None:
+            tape = self._prints[spec.key] = deque(maxlen=self._history)
+        tape.append((now_ms, trade.price, size))
         t.volume += size
         t.notional += trade.price * size
         t.count += 1
@@ -844,7 +946,11 @@ class TwsSim:
         loop = asyncio.get_running_loop()
         self._reset_clock()
         while True:
-            if not self._by_key:
+            if self._warm:
+                now = loop.time()
+                for key in [k for k, until in self._warm.items() if until <= now]:
+                    del self._warm[key]
+            if not self._by_key and not self._warm:
                 self._wake.clear()
                 await self._wake.wait()
                 self._reset_clock()
@@ -855,7 +961,7 @@ class TwsSim:
             if self._rate > 0:
                 due = int((loop.time() - self._t0) * self._rate) - self._steps
             if due > 0:
-                budget = max(1, self.BATCH // max(1, len(self._by_key)))
+                budget = max(1, self.BATCH // max(1, len(self._by_key) + len(self._warm)))
                 if due > budget:  # behind: skip the backlog, as TWS conflates, rather than burst
                     self._steps += due - budget
                     due = budget
@@ -886,9 +992,27 @@ class TwsSim:
                 s.out = []
 
     def _step(self, now_ms: int) -> None:
+        tapes = self._tapes
         for key, subs in self._by_key.items():
-            if not self._paused(key):
-                self._emit(self._tapes[key], subs, now_ms)
+            if self._paused(key):
+                # The market goes on while TWS holds data back: those prints reach history only.
+                self._paused_keys.add(key)
+                self._advance(tapes[key], now_ms)
+                continue
+            if key in self._paused_keys:
+                self._paused_keys.discard(key)
+                self._reprime(tapes[key], subs)
+            self._emit(tapes[key], subs, now_ms)
+        for key in self._warm:
+            self._advance(tapes[key], now_ms)
+
+    def _reprime(self, t: _Tape, subs: dict[_Sub, None]) -> None:
+        """Data flows again after a pause: TWS refreshes the whole quote, not only what moves next."""
+        for sub in subs:
+            if sub.kind == _MKT and sub.primed and not sub.session.closed:
+                frames = [tick_frame(h, sub.req_id, r) for h, r in self._state(t, sub.generic)]
+                sub.session.out += frames
+                self._ticks_sent += len(frames)
 
     def _emit(self, t: _Tape, subs: dict[_Sub, None], now_ms: int) -> None:
         """Advance one contract by one print and fan the changes out to its subscribers."""
@@ -962,6 +1086,23 @@ class TwsSim:
                 sent += 1
         self._ticks_sent += sent
         self._ticks_dropped += dropped
+
+
+def _parse_ib_time(text: str) -> datetime:
+    """TWS date-times: "20240102 15:04:05 UTC", "20240102-15:04:05" (UTC) or with a zone such as US/Eastern.
+
+    A bare "20240102 15:04:05" means TWS's login time zone; the simulator's is UTC.
+    """
+    m = re.fullmatch(r"(\d{8})[ -](\d{2}:\d{2}:\d{2})(?: +(\S+))?", text.strip())
+    if not m:
+        raise ValueError(f"unparsable date-time {text!r}")
+    zone: tzinfo = UTC
+    if m[3] and m[3].upper() not in ("UTC", "GMT"):
+        try:
+            zone = ZoneInfo(m[3])
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {m[3]!r}") from exc
+    return datetime.strptime(f"{m[1]} {m[2]}", "%Y%m%d %H:%M:%S").replace(tzinfo=zone)
 
 
 def _mid(t: _Tape) -> float:

@@ -40,6 +40,7 @@ class In(IntEnum):
     REQ_ACCOUNT_UPDATES_MULTI = 76
     CANCEL_ACCOUNT_UPDATES_MULTI = 77
     REQ_MATCHING_SYMBOLS = 81
+    REQ_HISTORICAL_TICKS = 96
     REQ_TICK_BY_TICK_DATA = 97
     CANCEL_TICK_BY_TICK_DATA = 98
     REQ_COMPLETED_ORDERS = 99
@@ -72,6 +73,7 @@ class Out(IntEnum):
     ACCOUNT_UPDATE_MULTI_END = 74
     SYMBOL_SAMPLES = 79
     TICK_REQ_PARAMS = 81
+    HISTORICAL_TICKS_LAST = 98
     TICK_BY_TICK = 99
     COMPLETED_ORDERS_END = 102
 
@@ -110,6 +112,7 @@ ERRORS: dict[int, str] = {
     321: "Error validating request.-'bT' : cause - Invalid tick type",
     322: "Error processing request.-'bL' : cause - Duplicate ticker id",
     326: "Unable to connect as the client id is already in use. Retry with a unique client id.",
+    354: "Requested market data is not subscribed.",
     1100: "Connectivity between IB and Trader Workstation has been lost.",
     1101: "Connectivity between IB and Trader Workstation has been restored - data lost.",
     1102: "Connectivity between IB and Trader Workstation has been restored - data maintained.",
@@ -117,6 +120,7 @@ ERRORS: dict[int, str] = {
     2104: "Market data farm connection is OK:usfarm",
     2106: "HMDS data farm connection is OK:ushmds",
     2158: "Sec-def data farm connection is OK:secdefnj",
+    10197: "No market data during competing live session",
 }
 
 

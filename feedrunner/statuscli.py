@@ -1,0 +1,115 @@
+"""`feedrunner status` and `feedrunner rollout ...`: talk to a running runner's control server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+EX_OK, EX_UNAVAILABLE, EX_CONFIG, EX_CONFLICT = 0, 69, 78, 75
+
+
+def _target(args: argparse.Namespace) -> tuple[str, str | None] | None:
+    token = os.environ.get("FEEDRUNNER_TOKEN")
+    if args.url:
+        return args.url.rstrip("/"), token
+    from feedrunner.spec import check_file
+
+    spec, problems = check_file(args.file)
+    if spec is None:
+        for p in problems:
+            print(p, file=sys.stderr)
+        return None
+    host = "127.0.0.1" if spec.server.host in ("0.0.0.0", "::") else spec.server.host
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{spec.server.port}", token or (spec.server.token.reveal() if spec.server.token else None)
+
+
+def _call(url: str, token: str | None, method: str = "GET") -> tuple[int, Any]:
+    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def command(args: argparse.Namespace) -> int:
+    target = _target(args)
+    if target is None:
+        return EX_CONFIG
+    base, token = target
+    try:
+        if args.command == "status":
+            code, body = _call(f"{base}/status", token)
+        elif args.action == "status":
+            code, body = _call(f"{base}/status", token)
+            body = body.get("rollout") if code == 200 else body
+        else:
+            suffix = "?full=1" if args.full else ""
+            code, body = _call(f"{base}/rollout/{args.action}{suffix}", token, "POST")
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"feedrunner: no runner answers at {base}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    if args.json:
+        print(json.dumps(body, indent=2))
+    elif code >= 400:
+        print(f"feedrunner: {body.get('error', code)}", file=sys.stderr)
+    elif args.command == "status":
+        print(render_status(body))
+    else:
+        print(render_rollout(body))
+    return EX_OK if code < 400 else (EX_CONFLICT if code == 409 else EX_UNAVAILABLE)
+
+
+def render_rollout(r: dict[str, Any] | None) -> str:
+    if not r:
+        return "rollout: none configured"
+    phases = " > ".join(f"[{p}]" if p == r["phase"] else p for p in r["phases"])
+    dwell = f" of {r['dwell_seconds']:g}s" if r.get("dwell_seconds") else ""
+    lines = [
+        f"rollout: {r['state']}  phase {r['phase'] or '-'} ({r['phase_index'] + 1}/{len(r['phases'])}), "
+        f"{r['in_phase_seconds']:g}s in phase{dwell}; {r['symbols_on_target']} symbols on {r['target']}",
+        f"  phases: {phases}",
+        f"  why:    {r['reason']}",
+    ]
+    for g in r.get("gates", []):
+        lines.append(f"  gate    {g['outcome']:<12} {g['detail']}")
+    for h in r.get("history", [])[-5:]:
+        when = time.strftime("%H:%M:%S", time.localtime(h["at"]))
+        lines.append(f"  {when} {h['from_state']} -> {h['to_state']} ({h['phase']}): {h['reason']}")
+    return "\n".join(lines)
+
+
+def render_status(s: dict[str, Any]) -> str:
+    lines = [
+        f"ready: {'yes' if s['ready'] else 'NO: ' + '; '.join(s['not_ready'])}   queue {s['queue_depth']}   "
+        f"written {s['events_written']}   rss {s['rss_mb']} MB (+{s['rss_growth_mb']})"
+    ]
+    if s.get("alerts"):
+        lines.append(f"alerts: {', '.join(s['alerts'])}")
+    for name, v in s["venues"].items():
+        lines.append(
+            f"{name}  {v['adapter']}  {v['state']}  breaker {v['breaker']}  {v['rate_per_s']} ev/s"
+            + (f"  ({v['reason']})" if v["state"] != "connected" and v.get("reason") else "")
+        )
+        lines.append(f"  {'symbol':<14} {'transport':<10} {'events':>8} {'latency':>10} {'silent':>8}")
+        for sym, row in v["symbols"].items():
+            silent = "-" if row["silent_seconds"] is None else f"{row['silent_seconds']:g}s"
+            lines.append(
+                f"  {sym:<14} {row['transport'] or 'quarantined':<10} {row['events']:>8} "
+                f"{row['latency_ms']:>8.1f}ms {silent:>8}"
+            )
+    for name, why in s.get("skipped", {}).items():
+        lines.append(f"{name}  skipped: {why}")
+    lines.append(render_rollout(s.get("rollout")))
+    if s.get("next_evaluation"):
+        lines.append(f"next evaluation in {max(0.0, s['next_evaluation'] - time.time()):.0f}s")
+    return "\n".join(lines)
