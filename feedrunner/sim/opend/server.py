@@ -844,21 +844,24 @@ class OpenDSim:
         self._notify_all(msg)
 
 
-def venue_snippet(host: str, port: int) -> str:
+def venue_snippet(host: str, port: int, symbols: list[str] | None = None, quota: int = 100) -> str:
     """The feeds.yaml fragment that points the Futu adapter at this simulator."""
+    codes = ", ".join(symbols or ["HK.00700", "HK.09988", "US.AAPL", "US.TSLA"])
     return (
         f"# feedrunner FutuOpenD simulator on {host}:{port}\n"
         "venues:\n"
         "  futu:\n"
-        "    kind: futu\n"
+        "    adapter: futu\n"
         f"    host: {host}\n"
         f"    port: {port}\n"
+        f"    symbols: [{codes}]\n"
+        f"    quota: {quota}\n"
     )
 
 
 async def run_standalone(host: str, port: int, seed: int, rate: float) -> None:
     """Serve until cancelled, after printing the venue snippet a feeds.yaml needs to reach us."""
     async with OpenDSim(seed=seed, rate=rate, host=host, port=port) as sim:
-        print(venue_snippet(sim.host, sim.port), flush=True)
+        print(venue_snippet(sim.host, sim.port, quota=sim.quota), flush=True)
         print(f"# seed {seed}, {rate:g} trades/s per subscribed code; codes: {', '.join(sim.codes)}", flush=True)
         await asyncio.Event().wait()
