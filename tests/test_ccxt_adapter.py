@@ -161,7 +161,7 @@ async def test_reconnects_follow_the_backoff_schedule(run_adapter, sim):
     before = {s: len(out.of(Trade, s)) for s in SYMBOLS}
     await wait_until(lambda: all(len(out.of(Trade, s)) > before[s] + 20 for s in SYMBOLS), 15, "recovery")
     out.assert_contiguous()
-    assert adapter.conn.state is ConnState.CONNECTED
+    await wait_until(lambda: adapter.conn.state is ConnState.CONNECTED, 10, "connected")
 
 
 async def test_stall_is_detected_within_stale_after_plus_one_second(run_adapter, sim):
@@ -225,3 +225,26 @@ async def test_unknown_market_is_quarantined_and_others_stream(run_adapter):
     adapter.apply(dict.fromkeys([*SYMBOLS, "NOPE/USDT"], "websocket"))
     await all_kinds_for_all_symbols(out)
     assert set(adapter.quarantined) == {"NOPE/USDT"}
+
+
+async def test_auth_error_stops_the_venue_without_a_hot_loop():
+    async with BinanceSim(SYMBOLS, rate=20, api_keys={"the-right-key"}) as sim:
+        out = Collector()
+        venue = make_venue(
+            sim.endpoints,
+            transport="polling",
+            channels=["trades"],
+            credentials={"api_key": "a-wrong-key", "secret": "s"},
+        )
+        adapter = CcxtAdapter(venue, out, Metrics())
+        await adapter.start()
+        adapter.apply(dict.fromkeys(SYMBOLS, "polling"))
+        try:
+            await wait_until(lambda: adapter.conn.state is ConnState.FAILED, 10, "the venue to fail")
+            assert "authentication failed" in adapter.conn.reason and "a-wrong-key" not in adapter.conn.reason
+            requests = sim.stats["http_requests"]
+            await asyncio.sleep(1.5)
+            assert sim.stats["http_requests"] == requests  # stopped: no retry loop against a rejected key
+            assert sample(adapter, "feedrunner_errors_total", kind="auth") >= 1
+        finally:
+            await adapter.stop()

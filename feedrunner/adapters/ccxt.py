@@ -93,6 +93,7 @@ class CcxtAdapter(Adapter):
                 # A testnet, proxy or simulator serves spot only: one exchangeInfo request, no sapi calls.
                 client.options["fetchMarkets"] = {"types": ["spot"]}
                 client.options["fetchCurrencies"] = False
+                client.options["fetchMargins"] = False  # with a key set, ccxt would ask sapi for margin pairs
         if v.exchange.startswith("binance"):
             client.options["fetchTradesMethod"] = "publicGetTrades"  # trade ids, as the @trade stream has
         return client

@@ -130,6 +130,9 @@ class RestApi:
                 return error_response(-1003, msg, 418, headers)
             return error_response(-1003, self._too_much_msg(), 429, headers)
         self._strikes = 0
+        key = request.headers.get("X-MBX-APIKEY")
+        if key is not None and self.sim.api_keys is not None and key not in self.sim.api_keys:
+            return error_response(-2015, "Invalid API-key, IP, or permissions for action.", 401)
         weight = route[1](q) if route else 1
         used = self.used_weight()
         if used + weight > self.sim.weight_limit:

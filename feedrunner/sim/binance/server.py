@@ -76,6 +76,7 @@ class BinanceSim:
         tick: float = 0.005,
         weight_limit: int = 6000,
         max_buffer: int = 64 * 1024 * 1024,
+        api_keys: set[str] | None = None,
     ) -> None:
         if not symbols:
             raise ValueError("at least one symbol is required")
@@ -85,6 +86,7 @@ class BinanceSim:
         self.ping_interval, self.pong_timeout = ping_interval, pong_timeout
         self.tick, self.weight_limit, self.max_buffer = tick, weight_limit, max_buffer
         self.history_size = history
+        self.api_keys = api_keys  # None: any key is accepted; a set: others get -2015 (401), as Binance answers
         self.market = FastMarket(seed=seed)
         self._order_rng = random.Random(f"{seed}:interleave")  # own stream: the tape stays seed-pure
         self.faults = FaultBox()
