@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from feedrunner.health import Reading
@@ -64,7 +63,7 @@ def names(c):
 
 def test_promotes_phase_by_phase_only_after_dwell_and_gates(tmp_path):
     changes = []
-    c, clock, health, _, _ = make(tmp_path, changes=changes)
+    c, clock, _, _, _ = make(tmp_path, changes=changes)
     assert c.state is State.PENDING and c.target_symbols() == set()
     c.evaluate()
     assert (c.state, c.phase_name, names(c)) == (State.PROGRESSING, "one", ["A/USDT"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 import urllib.request
@@ -99,7 +100,7 @@ async def test_four_phase_rollout_moves_symbols_from_polling_to_websocket_in_ord
     runner.pipeline._flush()
     starts = [first_ws(tmp_path, s) for s in SYMBOLS]
     assert all(starts), starts
-    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
     # Each later phase starts about one dwell (2 s) after the previous one, never before it.
     assert all(1.7 <= g <= 6 for g in gaps), gaps
     for symbol in SYMBOLS[1:]:
