@@ -215,3 +215,33 @@ async def test_alerts_reach_the_webhook_once_and_resolve(tmp_path, start_runner)
         assert firing[0]["metric"] == "staleness" and firing[0]["value"] > 1.5
     finally:
         await runner_.cleanup()
+
+
+async def test_a_configured_token_guards_everything_but_the_probes(tmp_path, start_runner):
+    text = spec_text(tmp_path, PHASES).replace(
+        'server: {listen: "127.0.0.1:0"}', 'server: {listen: "127.0.0.1:0", token: "${TOKEN}"}'
+    )
+    spec, problems = check_text(text, "feeds.yaml", {"TOKEN": "s3cret-token"})
+    assert spec is not None, problems
+    runner = Runner(spec)
+    await runner.start()
+    base = f"http://127.0.0.1:{runner.control.port}"
+
+    def call(path: str, token: str | None = None, method: str = "GET") -> int:
+        req = urllib.request.Request(base + path, method=method, data=b"" if method == "POST" else None)
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    try:
+        assert await asyncio.to_thread(call, "/status") == 401
+        assert await asyncio.to_thread(call, "/metrics", "wrong") == 401
+        assert await asyncio.to_thread(call, "/rollout/pause", None, "POST") == 401
+        assert await asyncio.to_thread(call, "/status", "s3cret-token") == 200
+        assert await asyncio.to_thread(call, "/healthz") == 200
+    finally:
+        await runner.stop()
