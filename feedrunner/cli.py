@@ -33,8 +33,14 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the feeds of FILE (default feeds.yaml)")
     r.add_argument("file", nargs="?", default="feeds.yaml", metavar="FILE")
     r.add_argument("--dry-run", action="store_true", help="validate and print the plan, then exit")
+    r.add_argument("--watch", action="store_true", help="reload when FILE changes (also: SIGHUP, POST /reload)")
 
     sub.add_parser("schema", help="print the JSON Schema of feeds.yaml")
+
+    pl = sub.add_parser("plan", help="what reloading FILE would change in the running runner; exit 0 none, 2 some")
+    pl.add_argument("file", nargs="?", default="feeds.yaml", metavar="FILE")
+    pl.add_argument("--url", help="control server URL (default: from FILE's server.listen)")
+    pl.add_argument("--json", action="store_true")
 
     for name, text in (
         ("status", "show the running runner: venues, transports, rates, rollout"),
@@ -109,7 +115,7 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EX_OK
-    return run(spec)
+    return run(spec, watch=args.watch)
 
 
 def _sim(args: argparse.Namespace) -> int:
@@ -157,6 +163,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "sim":
             return _sim(args)
+        if args.command == "plan":
+            from feedrunner.statuscli import plan
+
+            return plan(args)
         if args.command in ("status", "rollout"):
             from feedrunner.statuscli import command
 

@@ -14,6 +14,7 @@ from aiohttp import web
 from loguru import logger
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from feedrunner.plan import spec_to_dict
 from feedrunner.rollout import ActionError
 
 if TYPE_CHECKING:
@@ -41,6 +42,8 @@ class ControlServer:
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/status", self._status)
         app.router.add_post("/rollout/{action}", self._rollout)
+        app.router.add_post("/reload", self._reload)
+        app.router.add_get("/config", self._config)
         self._app_runner = web.AppRunner(app, access_log=None)
         await self._app_runner.setup()
         self._site = web.TCPSite(self._app_runner, self.spec.host, self.spec.port)
@@ -77,6 +80,14 @@ class ControlServer:
 
     async def _status(self, request: web.Request) -> web.Response:
         return _json(self.runner.status())
+
+    async def _reload(self, request: web.Request) -> web.Response:
+        result, changes, problems = await self.runner.reload_file()
+        body = {"result": result, "changes": [c.as_dict() for c in changes], "problems": [str(p) for p in problems]}
+        return _json(body, 422 if result == "invalid" else 200)
+
+    async def _config(self, request: web.Request) -> web.Response:
+        return _json(spec_to_dict(self.runner.spec))
 
     async def _rollout(self, request: web.Request) -> web.Response:
         controller = self.runner.rollout

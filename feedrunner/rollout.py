@@ -160,6 +160,15 @@ class Controller:
         self._paused_from = State.PROGRESSING
         self._restore()
 
+    def update(self, spec: Spec) -> None:
+        """A reloaded feeds.yaml: the same restart rule as a new process (stored phase matched by name)."""
+        assert spec.rollout is not None
+        self.r = spec.rollout
+        self.venues = {v.name for v in spec.venues if v.enabled}
+        self._restore()
+        if self.on_change:
+            self.on_change()
+
     # -- persistence and the restart rule --------------------------------------------------------------
 
     def _restore(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import signal
 import sys
 import time
@@ -21,7 +22,7 @@ import sqlalchemy as sa
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from loguru import logger
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 
 from feedrunner import jobs
 from feedrunner.adapters.base import Adapter
@@ -30,6 +31,7 @@ from feedrunner.control import ControlServer
 from feedrunner.events import Event
 from feedrunner.health import Health
 from feedrunner.metrics import Metrics
+from feedrunner.plan import RESTART_FIELDS, Change, diff, spec_to_dict
 from feedrunner.resilience import ConnState
 from feedrunner.rollout import Controller, Store, engine_for
 from feedrunner.rollout import State as RolloutState
@@ -154,6 +156,15 @@ class Runner:
         self._sampler: asyncio.Task[None] | None = None
         self._seen_counts: dict[tuple[str, str], float] = {}
         self.engine: sa.Engine | None = None
+        self._runtime: dict[str, Callable[[Venue], Venue]] = {}  # simulator endpoints, kept across reloads
+        self._sims_by_venue: dict[str, Any] = {}
+        self._reload_lock = asyncio.Lock()
+        self.reloads = Counter(
+            "feedrunner_config_reloads_total",
+            "feeds.yaml reloads by result.",
+            ["result"],
+            registry=self.metrics.registry,
+        )
         self.rollout_phase = Gauge(
             "feedrunner_rollout_phase",
             "Current rollout phase (1-based; 0 before the first).",
@@ -185,25 +196,13 @@ class Runner:
 
     async def start(self) -> None:
         venues = [v for v in self.spec.venues if v.enabled]
-        if self.spec.environment == "simulator":
-            venues = [await self._simulate(v) for v in venues]
         self.engine = engine_for(self.spec.state_url)  # one engine for our tables and the job store
         if self.spec.rollout is not None and self.spec.rollout.enabled:
-            store = Store(self.engine)
-            self.rollout = Controller(self.spec, store, self.health, on_change=self.reconcile)
+            self.rollout = Controller(self.spec, Store(self.engine), self.health, on_change=self.reconcile)
         self.pipeline.start()
         self.alerts.start()
         for venue in venues:
-            cls = adapter_class(venue)
-            if cls is None:
-                self.skipped[venue.name] = f"the {venue.adapter} adapter has not landed yet"
-                logger.warning("venue {} skipped: {}", venue.name, self.skipped[venue.name])
-                continue
-            if venue.name in self.skipped:
-                continue
-            adapter = cls(venue, self.pipeline.put, self.metrics)
-            self.adapters[venue.name] = adapter
-            await adapter.start()
+            await self._add_venue(venue)
         self.reconcile()
         self._sampler = asyncio.create_task(self._sample(), name="health-sampler")
         await self._start_scheduler()
@@ -212,13 +211,32 @@ class Runner:
             await self.control.start()
         logger.info("runner started: {} venue(s) running, {} skipped", len(self.adapters), len(self.skipped))
 
+    async def _add_venue(self, venue: Venue) -> None:
+        if self.spec.environment == "simulator":
+            venue = await self._simulate(venue)
+        cls = adapter_class(venue)
+        if cls is None:
+            self.skipped[venue.name] = f"the {venue.adapter} adapter has not landed yet"
+        if venue.name in self.skipped:
+            logger.warning("venue {} skipped: {}", venue.name, self.skipped[venue.name])
+            return
+        assert cls is not None
+        adapter = cls(venue, self.pipeline.put, self.metrics)
+        self.adapters[venue.name] = adapter
+        await adapter.start()
+
     async def _start_scheduler(self) -> None:
         """Persistent APScheduler jobs with fixed ids: a restart replaces them, never duplicates them."""
         jobs.bind(self)
         self.scheduler = AsyncIOScheduler(
-            jobstores={"default": SQLAlchemyJobStore(url=self.spec.state_url)},
+            jobstores={"default": SQLAlchemyJobStore(engine=self.engine)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 300},
         )
+        self.scheduler.start()
+        self._schedule_jobs()
+
+    def _schedule_jobs(self) -> None:
+        assert self.scheduler is not None
         interval = self.spec.health.interval
         self.scheduler.add_job(
             "feedrunner.jobs:health_job",
@@ -238,40 +256,106 @@ class Runner:
                 replace_existing=True,
                 next_run_time=datetime.now(UTC),
             )
-        else:
-            with contextlib.suppress(Exception):
-                self.scheduler.remove_job("rollout")
-        self.scheduler.start()
+        elif self.scheduler.get_job("rollout") is not None:
+            self.scheduler.remove_job("rollout")
 
     async def _simulate(self, venue: Venue) -> Venue:
         """Start the built-in simulator for a venue and point the venue at it (only for adapters that exist)."""
+        if venue.name in self._runtime:
+            return self._runtime[venue.name](venue)
         if adapter_class(venue) is None:
             return venue
         seed, rate = self.spec.sim_seed, self.spec.sim_rate
         if venue.adapter == "ccxt":
             if not (venue.exchange or "").startswith("binance"):
                 self.skipped[venue.name] = f"no simulator speaks {venue.exchange}'s protocol (only binance)"
-                logger.warning("venue {} skipped: {}", venue.name, self.skipped[venue.name])
                 return venue
             from feedrunner.sim.binance import BinanceSim
 
-            sim = BinanceSim(list(venue.symbols), seed=seed, rate=rate)
+            sim: Any = BinanceSim(list(venue.symbols), seed=seed, rate=rate)
             await sim.start()
-            self.sims.append(sim)
-            logger.info("venue {}: simulator on {}", venue.name, sim.endpoints["rest"])
-            return dataclasses.replace(venue, endpoints=sim.endpoints)
-        if venue.adapter == "ib":
-            from feedrunner.sim.tws import TwsSim
-
-            sim = TwsSim(seed=seed, rate=rate)
+            endpoints = dict(sim.endpoints)
+            self._runtime[venue.name] = lambda v: dataclasses.replace(v, endpoints=endpoints)
         else:
-            from feedrunner.sim.opend import OpenDSim
+            if venue.adapter == "ib":
+                from feedrunner.sim.tws import TwsSim
 
-            sim = OpenDSim(seed=seed, rate=rate, codes=list(venue.symbols), quota=venue.quota)
-        await sim.start()
+                sim = TwsSim(seed=seed, rate=rate)
+            else:
+                from feedrunner.sim.opend import OpenDSim
+
+                sim = OpenDSim(seed=seed, rate=rate, codes=list(venue.symbols), quota=venue.quota)
+            await sim.start()
+            port = sim.port
+            self._runtime[venue.name] = lambda v: dataclasses.replace(v, host="127.0.0.1", port=port)
         self.sims.append(sim)
+        self._sims_by_venue[venue.name] = sim
         logger.info("venue {}: simulator on 127.0.0.1:{}", venue.name, sim.port)
-        return dataclasses.replace(venue, host="127.0.0.1", port=sim.port)
+        return self._runtime[venue.name](venue)
+
+    # -- reload ----------------------------------------------------------------------------------------
+
+    async def reload(self, spec: Spec) -> list[Change]:
+        """Apply a new, already validated spec by reconciling: only what changed is touched."""
+        changes = diff(spec_to_dict(self.spec), spec_to_dict(spec))
+        if not changes:
+            self.reloads.labels("unchanged").inc()
+            logger.info("reload: no change")
+            return changes
+        # Settings only a restart applies keep their running values; the change is reported instead.
+        spec = dataclasses.replace(spec, **{k: getattr(self.spec, k) for k in RESTART_FIELDS})
+        old = {v.name: v for v in self.spec.venues if v.enabled}
+        new = {v.name: v for v in spec.venues if v.enabled}
+        self.spec = spec
+        restart = {c.target for c in changes if c.kind == "venue_restart"}
+        for name in (old.keys() - new.keys()) | restart:
+            adapter = self.adapters.pop(name, None)
+            if adapter is not None:
+                await adapter.stop()
+            self.skipped.pop(name, None)
+        for name, venue in new.items():
+            adapter = self.adapters.get(name)
+            if adapter is None:
+                if name not in self.skipped:
+                    await self._add_venue(venue)
+                continue
+            sim = self._sims_by_venue.get(name)
+            if sim is not None and hasattr(sim, "add_symbol"):  # a symbol added in simulator mode
+                for symbol in venue.symbols:
+                    sim.add_symbol(symbol)
+            adapter.update(self._runtime.get(name, lambda v: v)(venue))
+        if spec.rollout is not None and spec.rollout.enabled:
+            if self.rollout is None:
+                self.rollout = Controller(spec, Store(self.engine), self.health, on_change=self.reconcile)
+            else:
+                self.rollout.update(spec)
+        else:
+            self.rollout = None
+        if self.scheduler is not None:
+            self._schedule_jobs()
+        self.reconcile()
+        for change in changes:
+            (logger.info if change.live else logger.warning)("reload: {}", change)
+        self.reloads.labels("applied").inc()
+        return changes
+
+    async def reload_file(self, path: str | None = None) -> tuple[str, list[Change], list[Any]]:
+        """Validate fully first; an invalid file is rejected and the running config stays."""
+        from feedrunner.spec import check_file
+
+        async with self._reload_lock:
+            spec, problems = await asyncio.to_thread(check_file, path or self.spec.source)
+            if spec is None:
+                self.reject_reload(problems)
+                return "invalid", [], problems
+            changes = await self.reload(spec)
+            return ("applied" if changes else "unchanged"), changes, []
+
+    def reject_reload(self, problems: list[Any]) -> None:
+        self.reloads.labels("invalid").inc()
+        logger.error("reload rejected, the running config stays: {} problem(s)", len(problems))
+        for p in problems:
+            logger.error("  {}", p)
 
     async def stop(self) -> None:
         if self.scheduler is not None:
@@ -414,16 +498,40 @@ def configure_logging(spec: Spec) -> None:
         logger.add(sys.stderr, level=spec.log_level, format="{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {message}")
 
 
-async def serve(spec: Spec, ready: Callable[[Runner], None] | None = None) -> int:
+async def watch_file(runner: Runner, path: str, every: float = 0.5) -> None:
+    """Reload when the file changes. stat() by path, not by open handle: editors that save by writing a
+    new file and renaming it over the old one change the inode, which this sees."""
+
+    def signature() -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None  # mid-rename: try again next tick
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    last = signature()
+    while True:
+        await asyncio.sleep(every)
+        now = signature()
+        if now is not None and now != last:
+            await asyncio.sleep(0.2)  # let a burst of writes settle
+            last = signature()
+            logger.info("{} changed on disk: reloading", path)
+            await runner.reload_file(path)
+
+
+async def serve(spec: Spec, watch: bool = False) -> int:
     runner = Runner(spec)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(runner.reload_file()))
+    watcher = None
     try:
         await runner.start()
-        if ready:
-            ready(runner)
+        if watch:
+            watcher = asyncio.create_task(watch_file(runner, spec.source), name="watch")
         await stop.wait()
         logger.info("signal received: draining and stopping")
     except OSError as exc:  # the control port taken, the state directory unwritable...
@@ -433,10 +541,12 @@ async def serve(spec: Spec, ready: Callable[[Runner], None] | None = None) -> in
         logger.error("cannot open the state store {}: {}", spec.state_url.split("@")[-1], exc.__class__.__name__)
         return 69
     finally:
+        if watcher is not None:
+            watcher.cancel()
         await runner.stop()
     return 0
 
 
-def run(spec: Spec) -> int:
+def run(spec: Spec, watch: bool = False) -> int:
     configure_logging(spec)
-    return asyncio.run(serve(spec))
+    return asyncio.run(serve(spec, watch))

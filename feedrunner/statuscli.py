@@ -113,3 +113,40 @@ def render_status(s: dict[str, Any]) -> str:
     if s.get("next_evaluation"):
         lines.append(f"next evaluation in {max(0.0, s['next_evaluation'] - time.time()):.0f}s")
     return "\n".join(lines)
+
+
+def plan(args: argparse.Namespace) -> int:
+    """Like `terraform plan -detailed-exitcode`: 0 no change, 2 changes, 78 invalid, 69 no runner."""
+    from feedrunner.plan import diff, spec_to_dict
+    from feedrunner.spec import check_file
+
+    spec, problems = check_file(args.file)
+    if spec is None:
+        for p in problems:
+            print(p)
+        print(f"{args.file}: invalid; a reload would be rejected and the running config kept", file=sys.stderr)
+        return EX_CONFIG
+    target = _target(args)
+    if target is None:
+        return EX_CONFIG
+    base, token = target
+    try:
+        code, running = _call(f"{base}/config", token)
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"feedrunner: no runner answers at {base}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    if code != 200:
+        print(f"feedrunner: {running.get('error', code)}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    changes = diff(running, spec_to_dict(spec))
+    if args.json:
+        print(json.dumps([c.as_dict() for c in changes], indent=2))
+    elif not changes:
+        print("No changes: the running runner already matches " + args.file)
+    else:
+        print(f"A reload of {args.file} would:")
+        for c in changes:
+            print(f"  {c}")
+        if any(not c.live for c in changes):
+            print("Changes marked (needs a restart) are reported but not applied by a reload.")
+    return 2 if changes else EX_OK

@@ -93,6 +93,18 @@ class Adapter(ABC):
             self.wanted = new
             self.changed.set()
 
+    def update(self, venue: Venue) -> None:
+        """Apply settings that can change live (reload); connection settings need a new adapter instead."""
+        old, self.venue = self.venue, venue
+        self.backoff.spec = venue.backoff
+        for breaker in (self.breaker, *self.symbol_breakers.values()):
+            breaker.spec = venue.circuit_breaker
+        self.on_update(old, venue)
+        self.changed.set()
+
+    def on_update(self, old: Venue, new: Venue) -> None:  # noqa: B027 - optional hook
+        """Adapter-specific part of `update` (restart the loops a setting belongs to)."""
+
     def effective(self, symbol: str) -> str | None:
         """What a symbol should use right now: quarantine, then breakers, then the desired transport."""
         want = self.wanted.get(symbol)

@@ -71,6 +71,8 @@ class CcxtAdapter(Adapter):
         self._loops: dict[str, asyncio.Task[Any]] = {}
         self._up_since: float | None = None  # when the websocket last started delivering
         self._probe_window = min(venue.stale_after.values(), default=5.0)
+        self._markets_checked: set[str] = set()  # symbols looked up again after load_markets missed them
+        self._markets_pending: set[str] = set()
         self._seen_stamp: dict[tuple[str, str], Any] = {}
         self._metric_children: dict[tuple[str, str], tuple[Any, Any]] = {}  # last ticker timestamp / book nonce emitted
 
@@ -140,6 +142,32 @@ class CcxtAdapter(Adapter):
                     return False
         return False
 
+    def on_update(self, old: Venue, new: Venue) -> None:
+        """Restart only the loops a changed setting belongs to; channels follow from reconcile by name."""
+        restart = []
+        if old.poll_interval != new.poll_interval:
+            restart += [n for n in self._loops if n.startswith("poll:")]
+        if old.book_depth != new.book_depth:
+            restart += [n for n in self._loops if ":book:" in n]
+        for name in dict.fromkeys(restart):
+            self._stop_loop(name)
+        if old.stale_after != new.stale_after:
+            for symbol, channel in self.watchdog.keys():  # type: ignore[misc]
+                self.watchdog.arm((symbol, channel), new.stale_after.get(channel, 15.0))
+            self._probe_window = min(new.stale_after.values(), default=5.0)
+        if self.exchange is not None and old.trades_buffer != new.trades_buffer:
+            self.exchange.options["tradesLimit"] = new.trades_buffer
+
+    async def _reload_markets(self, symbols: list[str]) -> None:
+        """A symbol added by a reload may be newly listed: ask the venue once before quarantining it."""
+        try:
+            await self.exchange.load_markets(reload=True)
+        except Exception as exc:
+            self.count(classify(exc), exc, None)
+        self._markets_pending.difference_update(symbols)
+        self._markets_checked.update(symbols)
+        self.changed.set()
+
     # -- reconcile: desired transports -> loops ------------------------------------------------------
 
     def _reconcile(self) -> None:
@@ -148,10 +176,15 @@ class CcxtAdapter(Adapter):
             eff = self.effective(symbol)
             if eff is not None and symbol not in self.quarantined:
                 by_transport[eff].append(symbol)
-        for symbol in list(self.wanted):
-            if symbol not in self.exchange.markets and symbol not in self.quarantined:
+        unknown = [s for s in self.wanted if s not in self.exchange.markets and s not in self.quarantined]
+        fresh = [s for s in unknown if s not in self._markets_checked and s not in self._markets_pending]
+        if fresh:
+            self._markets_pending.update(fresh)
+            self.spawn(self._reload_markets(fresh), f"{self.name}-reload-markets")
+        for symbol in unknown:
+            if symbol in self._markets_checked:
                 self.quarantine(symbol, f"not a market of {self.venue.exchange}")
-                by_transport = {k: [s for s in v if s != symbol] for k, v in by_transport.items()}
+            by_transport = {k: [s for s in v if s != symbol] for k, v in by_transport.items()}
         streaming = sorted(by_transport["websocket"] + by_transport["hybrid"])
         polling = sorted(by_transport["polling"] + by_transport["hybrid"])
         wanted_loops: dict[str, tuple[str, ...]] = {}

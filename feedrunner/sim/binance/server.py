@@ -95,20 +95,10 @@ class BinanceSim:
         self._by_unified: dict[str, SymbolFeed] = {}
         self._by_id: dict[str, SymbolFeed] = {}
         self._by_lid: dict[str, SymbolFeed] = {}
+        self._default_rate, self._record_send_times = float(rate), record_send_times
         for unified in symbols:
-            base, quote = split_symbol(unified)
-            unified = f"{base}/{quote}"
-            if unified in self._by_unified:
+            if self.add_symbol(unified) is None:
                 raise ValueError(f"duplicate symbol {unified}")
-            st = self.market.add(unified)
-            feed = SymbolFeed(unified, base, quote, st, TradeHistory(history), float(rate), agg_offset=st.trade_id)
-            if record_send_times:
-                feed.send_times = {}
-            i = len(self.feeds)
-            feed.phase100 = i % _SLOTS_100
-            feed.phase1000 = feed.phase100 + _SLOTS_100 * (i // _SLOTS_100 % (_SLOTS_1000 // _SLOTS_100))
-            self.feeds.append(feed)
-            self._by_unified[unified], self._by_id[feed.id], self._by_lid[feed.lid] = feed, feed, feed
         self.rest = RestApi(self)
         self._subs: dict[str, set[_Conn]] = {}
         self._conns: set[_Conn] = set()
@@ -218,6 +208,25 @@ class BinanceSim:
         }
 
     # --- lookups used by the REST layer -------------------------------------------------------------
+
+    def add_symbol(self, unified: str) -> SymbolFeed | None:
+        """List a new symbol (also while running: an operator added it to feeds.yaml); None if listed."""
+        base, quote = split_symbol(unified)
+        unified = f"{base}/{quote}"
+        if unified in self._by_unified:
+            return None
+        st = self.market.add(unified)
+        feed = SymbolFeed(
+            unified, base, quote, st, TradeHistory(self.history_size), self._default_rate, agg_offset=st.trade_id
+        )
+        if self._record_send_times:
+            feed.send_times = {}
+        i = len(self.feeds)
+        feed.phase100 = i % _SLOTS_100
+        feed.phase1000 = feed.phase100 + _SLOTS_100 * (i // _SLOTS_100 % (_SLOTS_1000 // _SLOTS_100))
+        self.feeds.append(feed)
+        self._by_unified[unified], self._by_id[feed.id], self._by_lid[feed.lid] = feed, feed, feed
+        return feed
 
     def feed_by_id(self, symbol_id: str) -> SymbolFeed | None:
         return self._by_id.get(symbol_id)
