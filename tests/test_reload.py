@@ -125,7 +125,7 @@ async def test_add_and_remove_symbols_live(running):
 async def test_switch_transport_and_change_backoff_live(running):
     runner, tap, feeds = running
     adapter = runner.adapters["binance"]
-    result, changes = await edit(runner, feeds, "backoff: {base: 200ms, cap: 2s}", "backoff: {base: 200ms, cap: 9s}")
+    _, changes = await edit(runner, feeds, "backoff: {base: 200ms, cap: 2s}", "backoff: {base: 200ms, cap: 9s}")
     assert [str(c) for c in changes] == [
         "~ binance: backoff: {base: 0.2, cap: 2.0, factor: 2.0, jitter: 0.2, "
         "max_attempts: 50, reset_after: 60.0} -> {base: 0.2, cap: 9.0, factor: 2.0, "
@@ -193,7 +193,7 @@ async def test_invalid_edit_keeps_everything_running_and_is_counted(running):
 
 
 async def test_plan_shows_each_change_before_it_is_made(running):
-    runner, tap, feeds = running
+    runner, _, feeds = running
     url = f"http://127.0.0.1:{runner.control.port}"
     edited = feeds.parent / "edited.yaml"
     edited.write_text(
