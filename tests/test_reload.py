@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import wait_until
 
 from feedrunner.events import Trade
 from feedrunner.rollout import State
@@ -68,14 +69,6 @@ class Tap:
 
     def count(self, symbol: str) -> int:
         return len(self.trades()[symbol])
-
-
-async def wait_until(pred, timeout: float, what: str) -> None:
-    start = time.monotonic()
-    while not pred():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture

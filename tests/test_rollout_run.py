@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from helpers import wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from feedrunner.rollout import State
@@ -66,14 +67,6 @@ async def start_runner() -> AsyncIterator[Any]:
     yield start
     for r in runners:
         await r.stop()
-
-
-async def wait_until(pred, timeout: float, what: str) -> None:
-    start = time.monotonic()
-    while not pred():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def first_ws(tmp: Path, symbol: str) -> float | None:

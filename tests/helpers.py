@@ -1,0 +1,45 @@
+"""Shared test helpers: polling waits with a deadline, and an event collector standing in for the queue."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from feedrunner.events import Event, Trade
+
+
+async def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> float:
+    """Poll `pred` until true; fail with `what` after `timeout` seconds. Returns the time it took."""
+    start = time.monotonic()
+    while not pred():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
+    return time.monotonic() - start
+
+
+class Collector:
+    """An adapter's `emit`: keeps every event in memory."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    async def __call__(self, event: Event) -> None:
+        self.events.append(event)
+
+    def of(self, kind: type, symbol: str | None = None) -> list[Any]:
+        return [e for e in self.events if isinstance(e, kind) and (symbol is None or e.symbol == symbol)]
+
+    def trade_ids(self) -> dict[str, list[int]]:
+        ids: dict[str, list[int]] = defaultdict(list)
+        for t in self.of(Trade):
+            ids[t.symbol].append(int(t.id))
+        return ids
+
+    def assert_contiguous(self) -> None:
+        """Every trade id exactly once, in order, with no hole, for every symbol."""
+        for symbol, ids in self.trade_ids().items():
+            assert ids == list(range(ids[0], ids[0] + len(ids))), f"{symbol}: not contiguous"
