@@ -96,7 +96,7 @@ async def test_streams_trades_tickers_and_books(run_adapter, transport):
     assert adapter.conn.state is ConnState.CONNECTED
 
 
-@pytest.mark.parametrize("fault", ["drop", "reset", "restart", "malformed"])
+@pytest.mark.parametrize("fault", ["drop", "reset", "restart", "malformed", "gap"])
 async def test_survives_fault_with_every_trade_once_and_contiguous(run_adapter, sim, fault):
     adapter, out = await run_adapter("websocket")
     await all_kinds_for_all_symbols(out)
@@ -110,8 +110,13 @@ async def test_survives_fault_with_every_trade_once_and_contiguous(run_adapter, 
     # A long enough outage may open the breaker (polling meanwhile); either way streaming comes back.
     await wait_until(lambda: all(t.transport == "websocket" for t in out.of(Trade)[-10:]), 15, "websocket again")
     out.assert_contiguous()
-    if fault != "malformed":
+    if fault not in ("malformed", "gap"):
         assert sample(adapter, "feedrunner_reconnects_total") >= 1
+    if fault == "gap":
+        assert sample(adapter, "feedrunner_book_resyncs_total") >= 1
+        n = len(out.of(Book))
+        await wait_until(lambda: len(out.of(Book)) > n + 10, 10, "books after the resync")
+        assert all(b.bids[0][0] < b.asks[0][0] for b in out.of(Book)[n:])
     assert sample(adapter, "feedrunner_trades_lost_total") == 0
 
 

@@ -320,6 +320,12 @@ class CcxtAdapter(Adapter):
             self.count(c, exc, None)
             self.fail_auth(exc)
             return
+        if isinstance(exc, ccxt.ChecksumError | ccxt.InvalidNonce):
+            # A diff-depth update id skipped: ccxt drops the book; the next watch refetches the snapshot.
+            self.metrics.book_resyncs.labels(self.name).inc()
+            logger.warning(
+                "venue {} order book sequence gap: resynchronising from a snapshot ({})", self.name, _short(exc)
+            )
         now = time.monotonic()
         if now < self._retry_at:
             return  # another loop already counted this outage and set the retry time
