@@ -88,9 +88,10 @@ def test_run_streams_to_jsonl_and_exits_zero_on_sigterm(tmp_path: Path):
 
 async def test_jsonl_holds_every_trade_once_and_contiguous_across_faults(tmp_path: Path):
     """The whole path (adapter, queue, JSONL sink) through drop, reset, stall and restart."""
+    from helpers import wait_until
+
     from feedrunner.runner import Runner
     from feedrunner.spec import check_text
-    from helpers import wait_until
 
     text = f"""\
 version: 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -416,6 +417,105 @@ async def test_malformed_frames_are_survived(sim: TwsSim, clients: Callable[[], 
     n = c.tick_count()
     await until(lambda: c.tick_count() > n + 5, what="ticks after junk frames")
     assert ib.isConnected()
+
+
+# history and permissions
+
+
+async def test_historical_ticks_serve_the_tape_including_time_nobody_was_subscribed(
+    sim: TwsSim, clients: Callable[[], Client]
+) -> None:
+    c = clients()
+    ib = await c.connect(sim.port)
+    (aapl,) = await qualified(ib, Stock("AAPL", "SMART", "USD"))
+    ib.reqTickByTickData(aapl, "AllLast")
+    await until(lambda: c.tick_count(aapl.conId, TickByTickAllLast) >= 5, what="prints")
+    assert ib.cancelTickByTickData(aapl, "AllLast")
+    start = sim.prints("AAPL")[0][0] // 1000
+    streamed_until = sim.prints("AAPL")[-1][0]
+    await asyncio.sleep(1.2)  # the market keeps trading without a subscriber
+    assert sim.prints("AAPL")[-1][0] - streamed_until >= 1000
+    ticks = await asyncio.wait_for(
+        ib.reqHistoricalTicksAsync(aapl, datetime.fromtimestamp(start, UTC), "", 1000, "TRADES", False), 3
+    )
+    tape = [(ms // 1000, p, float(n)) for ms, p, n in sim.prints("AAPL")]
+    assert [(int(t.time.timestamp()), t.price, t.size) for t in ticks] == tape[: len(ticks)]
+    assert len(ticks) >= 60 and ticks[0].exchange == "NASDAQ"
+    # A page of 10 still ends on a whole second, so the next page starts at the following one.
+    page = await asyncio.wait_for(
+        ib.reqHistoricalTicksAsync(aapl, datetime.fromtimestamp(start, UTC), "", 10, "TRADES", False), 3
+    )
+    last = int(page[-1].time.timestamp())
+    assert len(page) >= 10 and sum(1 for sec, _, _ in tape if sec <= last) == len(page)
+    before = await asyncio.wait_for(
+        ib.reqHistoricalTicksAsync(aapl, "", datetime.fromtimestamp(start + 1, UTC), 5, "TRADES", False), 3
+    )
+    assert before and all(int(t.time.timestamp()) <= start + 1 for t in before)
+    assert sim.stats["history_requests"] == 3
+
+
+async def test_historical_ticks_refusals(sim: TwsSim, clients: Callable[[], Client]) -> None:
+    c = clients()
+    ib = await c.connect(sim.port)
+    (aapl,) = await qualified(ib, Stock("AAPL", "SMART", "USD"))
+    now = datetime.now(UTC)
+    assert await asyncio.wait_for(ib.reqHistoricalTicksAsync(aapl, now, "", 10, "MIDPOINT", False), 3) == []
+    assert await asyncio.wait_for(ib.reqHistoricalTicksAsync(aapl, now, now, 10, "TRADES", False), 3) == []
+    bogus = Stock("NOSUCH", "SMART", "USD")
+    bogus.conId = 1
+    assert await asyncio.wait_for(ib.reqHistoricalTicksAsync(bogus, now, "", 10, "TRADES", False), 3) == []
+    assert [code for code in c.codes() if code < 2000] == [162, 162, 200]
+
+
+async def test_market_data_permissions_refuse_lines(sim: TwsSim, clients: Callable[[], Client]) -> None:
+    c = clients()
+    ib = await c.connect(sim.port)
+    aapl, eur = await qualified(ib, Stock("AAPL", "SMART", "USD"), Forex("EURUSD"))
+    sim.deny_market_data("AAPL", 354)
+    sim.deny_market_data("EUR.USD", 10197)
+    ib.reqMktData(aapl)
+    ib.reqTickByTickData(aapl, "AllLast")
+    ib.reqMktData(eur)
+    await until(lambda: c.codes().count(354) == 2 and 10197 in c.codes(), what="permission errors")
+    assert sim.stats["active_lines"] == 0 and sim.stats["tick_by_tick"] == 0
+    with pytest.raises(ValueError):
+        sim.deny_market_data("AAPL", 99999)
+    sim.allow_market_data("AAPL")
+    ib.cancelMktData(aapl)
+    ticker = ib.reqMktData(aapl)
+    await until(lambda: ticker.bid > 0 and sim.stats["active_lines"] == 1, what="a line once allowed")
+
+
+async def test_quote_is_refreshed_whole_when_data_resumes(sim: TwsSim, clients: Callable[[], Client]) -> None:
+    c = clients()
+    ib = await c.connect(sim.port)
+    (aapl,) = await qualified(ib, Stock("AAPL", "SMART", "USD"))
+    ib.reqMktData(aapl)
+    await until(lambda: c.tick_count() > 20, what="ticks")
+    sim.farm_lost(0.3)
+    await until(lambda: 2104 in c.codes(), what="2104")
+    n = len(c.ticks)
+    await until(lambda: {9, 14} <= {x.tickType for _, x in c.ticks[n:]}, what="close and open sent again")
+
+
+async def test_trading_stops_keep_trading_seconds_after_the_last_subscriber() -> None:
+    async with TwsSim(rate=50.0, keep_trading=0.3) as s:
+        ib = IB()
+        try:
+            await asyncio.wait_for(ib.connectAsync(HOST, s.port, clientId=1, timeout=3), 5)
+            (aapl,) = await qualified(ib, Stock("AAPL", "SMART", "USD"))
+            ib.reqMktData(aapl)
+            await until(lambda: len(s.prints("AAPL")) > 10, what="prints")
+            ib.cancelMktData(aapl)
+            await until(lambda: s.stats["active_lines"] == 0, what="cancelled")
+            n = len(s.prints("AAPL"))
+            await until(lambda: s.stats["trading"] == 0, what="trading to stop")
+            assert len(s.prints("AAPL")) > n  # it traded on for a while
+            m = len(s.prints("AAPL"))
+            await asyncio.sleep(0.2)
+            assert len(s.prints("AAPL")) == m
+        finally:
+            ib.disconnect()
 
 
 # misc
