@@ -56,6 +56,11 @@ def rebase(urls: Any, rest: str | None, ws: str | None) -> Any:
     return urls
 
 
+def _names(symbols: tuple[str, ...] | list[str]) -> str:
+    """Symbols for a log line: all of a few, a count and a sample of many."""
+    return ",".join(symbols) if len(symbols) <= 10 else f"{len(symbols)} symbols ({','.join(symbols[:5])}, ...)"
+
+
 def _chunks(items: list[str], n: int = CHUNK) -> Iterable[list[str]]:
     for i in range(0, len(items), n):
         yield items[i : i + n]
@@ -222,7 +227,7 @@ class CcxtAdapter(Adapter):
         coro = self._ws_loop(channel, list(symbols)) if kind == "ws" else self._poll_loop(channel, symbols[0])
         self._loops[name] = self.spawn(coro, f"{self.name}-{name}")
         self._ws_sets[name] = symbols
-        logger.info("venue {} subscribe {} {} {}", self.name, transport, channel, ",".join(symbols))
+        logger.info("venue {} subscribe {} {} {}", self.name, transport, channel, _names(symbols))
 
     def _stop_loop(self, name: str) -> None:
         task = self._loops.pop(name)
@@ -237,7 +242,7 @@ class CcxtAdapter(Adapter):
             self.name,
             "websocket" if kind == "ws" else "polling",
             channel,
-            ",".join(symbols),
+            _names(symbols),
         )
 
     # -- websocket ---------------------------------------------------------------------------------
