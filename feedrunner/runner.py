@@ -53,6 +53,7 @@ class Pipeline:
         self.metrics = metrics
         self.written = 0
         self._task: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
         self._flush_every = min((s.spec.flush_interval for s in sinks), default=1.0) or 0.05
 
     async def put(self, event: Event) -> None:
@@ -66,21 +67,26 @@ class Pipeline:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._consume(), name="pipeline")
+        self._flusher = asyncio.create_task(self._flush_periodically(), name="pipeline-flush")
 
     async def _consume(self) -> None:
-        last_flush = time.monotonic()
+        """Wake on the first event, yield once so the producers can add to the batch, then take it all.
+
+        One wake-up per event (and a timer per wait) cost more than the sink itself at high rates; the
+        single yield costs one loop iteration of latency and turns a trickle into batches.
+        """
         while True:
-            try:
-                first = await asyncio.wait_for(self.queue.get(), timeout=self._flush_every)
-                batch = [first]
-                while len(batch) < BATCH and not self.queue.empty():
-                    batch.append(self.queue.get_nowait())
-                self._write(batch)
-            except TimeoutError:
-                pass
-            if time.monotonic() - last_flush >= self._flush_every:
-                self._flush()
-                last_flush = time.monotonic()
+            batch = [await self.queue.get()]
+            if self.queue.qsize() < BATCH:
+                await asyncio.sleep(0)
+            while len(batch) < BATCH and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            self._write(batch)
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self._flush_every)
+            self._flush()
 
     def _write(self, batch: list[Event]) -> None:
         self.metrics.queue_depth.set(self.queue.qsize())
@@ -107,10 +113,11 @@ class Pipeline:
                 logger.error("sink {} failed to flush: {}", sink.name, exc)
 
     async def drain_and_close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._flusher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         rest = []
         while not self.queue.empty():
             rest.append(self.queue.get_nowait())

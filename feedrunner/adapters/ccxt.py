@@ -283,6 +283,10 @@ class CcxtAdapter(Adapter):
                 n = cache.getLimit(symbol, None) if cache else 0
                 if n:
                     await self._on_trades(list(cache[-n:]), "websocket")
+                if cache and hasattr(cache, "_deque"):
+                    # Everything in it has been consumed: drop it, or 1,000 symbols x tradesLimit parsed trades
+                    # sit in memory for nothing. getLimit's counters reset on the next append by themselves.
+                    cache._deque.clear()
             elif channel == "ticker":
                 t = ex.tickers.get(symbol)
                 if t is not None and t.get("timestamp") != self._seen_stamp.get(("ticker", symbol)):
