@@ -253,6 +253,19 @@ async def test_line_limit_error_101(clients: Callable[[], Client]) -> None:
         assert 300 not in c.codes()
 
 
+async def test_tick_by_tick_limit_error_10190(clients: Callable[[], Client]) -> None:
+    async with TwsSim(rate=20.0, max_tick_by_tick=2) as s:
+        c = clients()
+        ib = await c.connect(s.port)
+        contracts = await qualified(ib, *(Stock(x, "SMART", "USD") for x in ("AAPL", "MSFT", "AMZN")))
+        for x in contracts:
+            ib.reqTickByTickData(x, "AllLast")
+        await until(lambda: 10190 in c.codes(), what="error 10190")
+        assert s.stats["tick_by_tick"] == 2
+        ticker = ib.reqMktData(contracts[2], "233")  # market-data lines are counted apart
+        await until(lambda: ticker.rtVolume > 0, what="RTVolume on a market-data line")
+
+
 async def test_duplicate_client_id_error_326_and_disconnect(sim: TwsSim, clients: Callable[[], Client]) -> None:
     first, second = clients(), clients()
     await first.connect(sim.port, client_id=7)
@@ -464,7 +477,11 @@ async def test_historical_ticks_refusals(sim: TwsSim, clients: Callable[[], Clie
     bogus = Stock("NOSUCH", "SMART", "USD")
     bogus.conId = 1
     assert await asyncio.wait_for(ib.reqHistoricalTicksAsync(bogus, now, "", 10, "TRADES", False), 3) == []
-    assert [code for code in c.codes() if code < 2000] == [162, 162, 200]
+    sim.history_unavailable(0.3)
+    assert await asyncio.wait_for(ib.reqHistoricalTicksAsync(aapl, now, "", 10, "TRADES", False), 3) == []
+    assert [code for code in c.codes() if code < 2000] == [162, 162, 200, 162]
+    await asyncio.sleep(0.35)
+    assert await asyncio.wait_for(ib.reqHistoricalTicksAsync(aapl, now, "", 10, "TRADES", False), 3)
 
 
 async def test_market_data_permissions_refuse_lines(sim: TwsSim, clients: Callable[[], Client]) -> None:

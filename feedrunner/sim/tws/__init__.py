@@ -8,7 +8,7 @@ drop / reset (FIN / RST every socket), restart (also refuse connects for `durati
 same port), refuse (ECONNREFUSED for `duration`, live sockets kept), stall (no ticks, requests still
 answered), reject_symbol (error 200), malformed (junk tick frames), link_lost (1100, then 1101 with
 subscriptions dropped or 1102 via `sim.link_lost(d, data_lost=...)`), `sim.farm_lost(d)` (2103/2104) and
-`sim.deny_market_data(key, code)` (354 / 10197 for one contract).
+`sim.deny_market_data(key, code)` (354 / 10197 for one contract) and `sim.history_unavailable(d)` (162).
 The market keeps trading while nobody is subscribed or data is held back (for `keep_trading` seconds),
 onto a tape that reqHistoricalTicks (TRADES) serves and `sim.prints(key)` exposes to tests.
 Lasting faults follow FaultBox: duration 0 means no effect. gap and ratelimit have no TWS meaning here.

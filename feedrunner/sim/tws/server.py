@@ -225,6 +225,7 @@ class TwsSim:
         port: int = 0,
         contracts: list[dict[str, Any]] | None = None,
         max_lines: int = 100,
+        max_tick_by_tick: int = 100,
         server_version: int = 176,
         accounts: tuple[str, ...] = ("DU123456",),
         keep_trading: float = 300.0,
@@ -240,6 +241,8 @@ class TwsSim:
         self.host = host
         self.port = port
         self.max_lines = max_lines
+        # IB sizes tick-by-tick like market depth (3 by default), far below market-data lines.
+        self.max_tick_by_tick = max_tick_by_tick
         self.server_version = server_version
         self.accounts = tuple(accounts)
         # A market does not stop trading when a client disconnects: contracts keep printing for
@@ -288,6 +291,7 @@ class TwsSim:
         self._warm: dict[str, float] = {}  # key -> loop time until which it trades with no subscriber
         self._paused_keys: set[str] = set()  # subscribed keys whose data is held back right now
         self._denied: dict[str, int] = {}  # key -> error code answering its market-data requests
+        self._hmds_down_until = 0.0  # loop time until which historical requests fail (162)
 
         self._connections = 0
         self._messages_sent = 0
@@ -467,6 +471,10 @@ class TwsSim:
 
     def allow_market_data(self, symbol: str) -> None:
         self._denied.pop(symbol, None)
+
+    def history_unavailable(self, duration: float) -> None:
+        """Historical requests fail with 162 for `duration` seconds, as when the HMDS farm is down."""
+        self._hmds_down_until = self._require_loop().time() + duration
 
     def prints(self, symbol: str) -> list[tuple[int, float, int]]:
         """Every print of a contract still on the tape: (epoch ms, price, size), oldest first."""
@@ -747,6 +755,10 @@ class TwsSim:
         if req_id in s.mkt or req_id in s.tbt:
             s.error(req_id, 322)
             return
+        if sum(len(x.tbt) for x in self._sessions) >= self.max_tick_by_tick:
+            s.forgotten.add(req_id)
+            s.error(req_id, 10190)
+            return
         s.forgotten.discard(req_id)
         self._add_sub(_Sub(s, req_id, spec, kind, ignore_size=ignore_size))
 
@@ -772,16 +784,20 @@ class TwsSim:
         if spec is None:
             s.error(req_id, 200)
             return
+        if self._loop is not None and self._loop.time() < self._hmds_down_until:
+            s.error(req_id, 162, "Historical Market Data Service error message:HMDS server disconnect occurred")
+            return
         if what != "TRADES":
             s.error(req_id, 162, f"{ERRORS[162]} (the simulator keeps TRADES only, not {what or 'nothing'})")
             return
+        # HMDS refuses bad parameters with 162, which ends the request (ib_async treats 321 as a warning).
         if bool(start) == bool(end):
-            s.error(req_id, 321, "Error validating request.-'cB' : cause - exactly one of start and end must be set")
+            s.error(req_id, 162, "Historical Market Data Service error message:exactly one of start and end")
             return
         try:
             edge_ms = int(_parse_ib_time(start or end).timestamp() * 1000)
         except ValueError as exc:
-            s.error(req_id, 321, f"Error validating request.-'cB' : cause - {exc}")
+            s.error(req_id, 162, f"Historical Market Data Service error message:{exc}")
             return
         count = min(max(count, 1), _HISTORY_MAX)
         self._touch(spec.key)

@@ -120,6 +120,7 @@ ERRORS: dict[int, str] = {
     2104: "Market data farm connection is OK:usfarm",
     2106: "HMDS data farm connection is OK:ushmds",
     2158: "Sec-def data farm connection is OK:secdefnj",
+    10190: "Max number of tick-by-tick requests has been reached.",
     10197: "No market data during competing live session",
 }
 
