@@ -121,6 +121,8 @@ class Health:
     def observe(self, event: Event) -> None:
         now = event.ts_received / 1e9
         latency = (event.ts_received - event.ts_exchange) / 1e9 if event.ts_exchange else None
+        if latency is not None and event.kind == "trade" and event.ts_exchange % 1_000_000_000 == 0:
+            latency = None  # a venue stamping trades to the whole second (IB tick-by-tick): no latency to read
         key = (event.venue, event.transport)
         s = self.series.get(key)
         if s is None:

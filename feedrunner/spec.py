@@ -11,6 +11,7 @@ import difflib
 import functools
 import ipaddress
 import json
+import re
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -608,13 +609,15 @@ class _SpecBuilder:
             symbols.append(key)
 
         if adapter == "ib":
-            lines = len(symbols) * (("ticker" in channels) + ("trades" in channels))
+            # A ticker line per symbol, plus a tick-by-tick line per symbol that prints trades (FX does not).
+            fx = sum(1 for s in symbols if _is_ib_fx(s, contracts.get(s)))
+            lines = len(symbols) * ("ticker" in channels) + (len(symbols) - fx) * ("trades" in channels)
             limit = raw.get("market_data_lines", 100)
             if lines > limit:
                 self.err(
                     (*vpath, "symbols"),
-                    f"needs {lines} market-data lines ({len(symbols)} symbols x "
-                    f"{len(channels)} channels) but market_data_lines is {limit}",
+                    f"needs {lines} market-data lines ({len(symbols)} symbols, channels "
+                    f"{', '.join(channels)}) but market_data_lines is {limit}",
                 )
         if adapter == "futu":
             subs = len(symbols) * len(channels)
@@ -872,6 +875,12 @@ class _SpecBuilder:
                 f"listening on {host} (not loopback) requires server.token, e.g. token: ${{FEEDRUNNER_TOKEN}}",
             )
         return Server(s.get("enabled", True), host.strip("[]"), port, token)
+
+
+def _is_ib_fx(symbol: str, contract: IbContract | None) -> bool:
+    if contract is not None:
+        return contract.sec_type == "CASH"
+    return re.fullmatch(r"[A-Z]{3}\.[A-Z]{3}", symbol) is not None
 
 
 def _is_loopback(host: str) -> bool:

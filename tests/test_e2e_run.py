@@ -22,6 +22,7 @@ venues:
     channels: [trades, ticker, book]
     book_depth: 5
     symbols: [BTC/USDT, ETH/USDT, SOL/USDT]
+  ib: {adapter: ib, channels: [ticker, trades], symbols: [AAPL, EUR.USD]}
   kraken: {adapter: ccxt, exchange: kraken, symbols: [BTC/USD]}
 sinks: [{type: jsonl, path: "out/{venue}/{kind}.jsonl", flush_interval: 200ms}]
 queue: {size: 1000, overflow: block}
@@ -44,7 +45,10 @@ def test_run_streams_to_jsonl_and_exits_zero_on_sigterm(tmp_path: Path):
     try:
         trades = tmp_path / "out" / "binance" / "trade.jsonl"
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and (not trades.exists() or trades.stat().st_size < 20_000):
+        ib = tmp_path / "out" / "ib" / "trade.jsonl"
+        while time.monotonic() < deadline and (
+            not trades.exists() or trades.stat().st_size < 20_000 or not ib.exists()
+        ):
             time.sleep(0.2)
         assert trades.exists(), "no trades were written"
         proc.send_signal(signal.SIGTERM)
@@ -84,6 +88,12 @@ def test_run_streams_to_jsonl_and_exits_zero_on_sigterm(tmp_path: Path):
     assert books and all(len(b["bids"]) <= 5 and b["bids"][0][0] < b["asks"][0][0] for b in books)
     tickers = (tmp_path / "out" / "binance" / "ticker.jsonl").read_text().splitlines()
     assert tickers and json.loads(tickers[-1])["bid"] is not None
+    assert not any("venue ib skipped" in m for m in messages)
+    ib_trades = [json.loads(x) for x in (tmp_path / "out" / "ib" / "trade.jsonl").read_text().splitlines()]
+    assert ib_trades and {t["symbol"] for t in ib_trades} == {"AAPL"}  # FX prints no trades on IDEALPRO
+    assert all(t["id"] is None and t["transport"] == "websocket" for t in ib_trades)
+    ib_tickers = [json.loads(x) for x in (tmp_path / "out" / "ib" / "ticker.jsonl").read_text().splitlines()]
+    assert {t["symbol"] for t in ib_tickers} == {"AAPL", "EUR.USD"}
 
 
 async def test_jsonl_holds_every_trade_once_and_contiguous_across_faults(tmp_path: Path):

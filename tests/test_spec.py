@@ -294,7 +294,11 @@ def test_polling_stale_after_must_exceed_poll_interval():
 def test_ib_market_data_lines_enforced():
     syms = ", ".join(f"S{i}" for i in range(6))
     found = problems(f"version: 1\nvenues:\n  ib: {{adapter: ib, symbols: [{syms}], market_data_lines: 10}}\n")
-    assert any("needs 12 market-data lines (6 symbols x 2 channels) but market_data_lines is 10" in p for p in found)
+    assert any(
+        "needs 12 market-data lines (6 symbols, channels trades, ticker) but market_data_lines is 10" in p
+        for p in found
+    )
+    valid("version: 1\nvenues:\n  ib: {adapter: ib, symbols: [EUR.USD, GBP.USD, AAPL], market_data_lines: 4}\n")
 
 
 def test_futu_quota_enforced():

@@ -74,12 +74,14 @@ class Adapter(ABC):
     async def stop(self) -> None:
         self.stopping.set()
         self.changed.set()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        while self._tasks:  # a task may spawn another while being cancelled: repeat until none is left
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            self._tasks.difference_update(tasks)
         await self.close()
         self.conn.move(ConnState.DISCONNECTED, "stopped")
 
