@@ -204,6 +204,23 @@ class Adapter(ABC):
         if breaker is not None and (breaker.failures or breaker._state is not BreakerState.CLOSED):
             breaker.success()
 
+    def record_stalls(self, stale: list[tuple[Any, float]], everything: bool) -> None:
+        """Log and count each silent subscription; when only some went silent, their symbol breakers count it
+        (when all did, the venue is at fault and the caller charges the venue breaker)."""
+        for (symbol, channel), silence in stale:
+            logger.warning(
+                "venue {} {} {} silent for {:.1f}s (stale_after {:g}s)",
+                self.name,
+                symbol,
+                channel,
+                silence,
+                self.venue.stale_after[channel],
+            )
+            self.metrics.stalls.labels(self.name, channel).inc()
+            if not everything:
+                self.symbol_breaker(symbol).failure(f"{channel} silent {silence:.1f}s")
+            self.watchdog.seen((symbol, channel))  # re-arm: one stall, one count
+
     def _on_state(self, venue: str, old: ConnState, new: ConnState, reason: str) -> None:
         self.metrics.connection_state.labels(venue, old.value).set(0)
         self.metrics.connection_state.labels(venue, new.value).set(1)

@@ -375,19 +375,7 @@ class CcxtAdapter(Adapter):
             if not stale:
                 continue
             everything = {k[0] for k, _ in stale} == {k[0] for k in self.watchdog.keys()}
-            for (symbol, channel), silence in stale:
-                logger.warning(
-                    "venue {} {} {} silent for {:.1f}s (stale_after {:g}s)",
-                    self.name,
-                    symbol,
-                    channel,
-                    silence,
-                    self.venue.stale_after[channel],
-                )
-                self.metrics.stalls.labels(self.name, channel).inc()
-                if not everything:
-                    self.symbol_breaker(symbol).failure(f"{channel} silent {silence:.1f}s")
-                self.watchdog.seen((symbol, channel))  # re-arm: one stall, one count
+            self.record_stalls(stale, everything)
             await self._drop_ws_clients(f"{len(stale)} subscription(s) silent past stale_after")
             self.changed.set()
 

@@ -843,19 +843,7 @@ class IbAdapter(Adapter):
             # or the few lines that crossed it first would be resubscribed one by one.
             limits = self.venue.stale_after
             everything = all(self.watchdog.silence(k) >= limits[k[1]] / 2 for k in self.watchdog.keys())
-            for (symbol, channel), silence in stale:
-                logger.warning(
-                    "venue {} {} {} silent for {:.1f}s (stale_after {:g}s)",
-                    self.name,
-                    symbol,
-                    channel,
-                    silence,
-                    self.venue.stale_after[channel],
-                )
-                self.metrics.stalls.labels(self.name, channel).inc()
-                if not everything:
-                    self.symbol_breaker(symbol).failure(f"{channel} silent {silence:.1f}s")
-                self.watchdog.seen((symbol, channel))  # re-arm: one stall, one count
+            self.record_stalls(stale, everything)
             if everything:
                 self.breaker.failure("every line silent")
                 self._drop(f"every market-data line silent ({len(stale)} past stale_after)")
