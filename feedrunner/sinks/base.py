@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+
+import orjson
 
 from feedrunner.events import Event, to_dict
 from feedrunner.spec import Sink as SinkSpec
@@ -28,4 +29,5 @@ class Sink(ABC):
 
 
 def dumps(event: Event) -> str:
-    return json.dumps(to_dict(event), separators=(",", ":"))
+    """orjson: about five times faster than the json module, and ccxt already depends on it."""
+    return orjson.dumps(to_dict(event)).decode()
