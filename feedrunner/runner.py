@@ -291,7 +291,13 @@ class Runner:
             else:
                 from feedrunner.sim.opend import OpenDSim
 
-                sim = OpenDSim(seed=seed, rate=rate, codes=list(venue.symbols), quota=venue.quota)
+                sim = OpenDSim(
+                    seed=seed,
+                    rate=rate,
+                    codes=list(venue.symbols),
+                    quota=venue.quota,
+                    min_sub_seconds=venue.min_subscription,
+                )
             await sim.start()
             port = sim.port
             self._runtime[venue.name] = lambda v: dataclasses.replace(v, host="127.0.0.1", port=port)

@@ -23,6 +23,7 @@ venues:
     book_depth: 5
     symbols: [BTC/USDT, ETH/USDT, SOL/USDT]
   ib: {adapter: ib, channels: [ticker, trades], symbols: [AAPL, EUR.USD]}
+  futu: {adapter: futu, channels: [ticker, trades, book], symbols: [HK.00700, US.AAPL]}
   kraken: {adapter: ccxt, exchange: kraken, symbols: [BTC/USD]}
 sinks: [{type: jsonl, path: "out/{venue}/{kind}.jsonl", flush_interval: 200ms}]
 queue: {size: 1000, overflow: block}
@@ -47,7 +48,11 @@ def test_run_streams_to_jsonl_and_exits_zero_on_sigterm(tmp_path: Path):
         deadline = time.monotonic() + 30
         ib = tmp_path / "out" / "ib" / "trade.jsonl"
         while time.monotonic() < deadline and (
-            not trades.exists() or trades.stat().st_size < 20_000 or not ib.exists()
+            not trades.exists()
+            or trades.stat().st_size < 20_000
+            or not ib.exists()
+            or not (tmp_path / "out" / "futu" / "trade.jsonl").exists()
+            or not (tmp_path / "out" / "binance" / "ticker.jsonl").exists()
         ):
             time.sleep(0.2)
         assert trades.exists(), "no trades were written"
@@ -94,6 +99,11 @@ def test_run_streams_to_jsonl_and_exits_zero_on_sigterm(tmp_path: Path):
     assert all(t["id"] is None and t["transport"] == "websocket" for t in ib_trades)
     ib_tickers = [json.loads(x) for x in (tmp_path / "out" / "ib" / "ticker.jsonl").read_text().splitlines()]
     assert {t["symbol"] for t in ib_tickers} == {"AAPL", "EUR.USD"}
+    futu_trades = [json.loads(x) for x in (tmp_path / "out" / "futu" / "trade.jsonl").read_text().splitlines()]
+    for code in ("HK.00700", "US.AAPL"):
+        seq = [int(t["id"]) for t in futu_trades if t["symbol"] == code]
+        assert seq and seq == list(range(seq[0], seq[0] + len(seq))), f"{code} sequences not contiguous"
+    assert (tmp_path / "out" / "futu" / "book.jsonl").exists()
 
 
 async def test_jsonl_holds_every_trade_once_and_contiguous_across_faults(tmp_path: Path):

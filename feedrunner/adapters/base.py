@@ -8,7 +8,6 @@ venue module, so the breaker override (open -> polling) is one rule for every ve
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
@@ -74,13 +73,15 @@ class Adapter(ABC):
     async def stop(self) -> None:
         self.stopping.set()
         self.changed.set()
-        while self._tasks:  # a task may spawn another while being cancelled: repeat until none is left
+        for _ in range(5):  # a task may spawn another while being cancelled: repeat until none is left
             tasks = list(self._tasks)
+            if not tasks:
+                break
             for task in tasks:
                 task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            _, pending = await asyncio.wait(tasks, timeout=5)  # bounded: one stuck task cannot hang a stop
+            for task in pending:
+                logger.error("venue {} task {} did not stop within 5s", self.name, task.get_name())
             self._tasks.difference_update(tasks)
         await self.close()
         self.conn.move(ConnState.DISCONNECTED, "stopped")
