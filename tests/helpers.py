@@ -30,8 +30,8 @@ class Collector:
     async def __call__(self, event: Event) -> None:
         self.events.append(event)
 
-    def of(self, kind: type, symbol: str | None = None) -> list[Any]:
-        return [e for e in self.events if isinstance(e, kind) and (symbol is None or e.symbol == symbol)]
+    def of(self, kind: type, symbol: str | None = None, since: int = 0) -> list[Any]:
+        return [e for e in self.events[since:] if isinstance(e, kind) and (symbol is None or e.symbol == symbol)]
 
     def trade_ids(self) -> dict[str, list[int]]:
         ids: dict[str, list[int]] = defaultdict(list)

@@ -11,15 +11,15 @@ import logging
 import signal
 import threading
 import time
-from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 import yaml
+from helpers import Collector, wait_until
 
 from feedrunner.adapters.futu import FutuAdapter, futu
-from feedrunner.events import Book, Event, Ticker, Trade
+from feedrunner.events import Book, Ticker, Trade
 from feedrunner.metrics import Metrics
 from feedrunner.resilience import BreakerState, ConnState
 from feedrunner.sim.opend import OpenDSim
@@ -52,37 +52,6 @@ def make_venue(port: int, **settings: Any) -> Venue:
     )
     assert spec is not None, [str(p) for p in problems]
     return spec.venues[0]
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    async def __call__(self, event: Event) -> None:
-        self.events.append(event)
-
-    def of(self, kind: type, symbol: str | None = None, since: int = 0) -> list[Any]:
-        return [e for e in self.events[since:] if isinstance(e, kind) and (symbol is None or e.symbol == symbol)]
-
-    def trade_ids(self) -> dict[str, list[int]]:
-        ids: dict[str, list[int]] = defaultdict(list)
-        for t in self.of(Trade):
-            ids[t.symbol].append(int(t.id))
-        return ids
-
-    def assert_contiguous(self) -> None:
-        """Every ticker sequence exactly once, in order, with no hole, for every code."""
-        for symbol, ids in self.trade_ids().items():
-            assert ids == list(range(ids[0], ids[0] + len(ids))), f"{symbol}: not contiguous"
-
-
-async def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> float:
-    start = time.monotonic()
-    while not pred():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - start
 
 
 def sample(adapter: FutuAdapter, name: str, **labels: str) -> float:

@@ -995,21 +995,11 @@ class FutuAdapter(Adapter):
                 continue
             # Every symbol silent on some channel is the connection's fault, not theirs.
             everything = {k[0] for k, _ in stale} == {k[0] for k in self.watchdog.keys()}  # type: ignore[index]
-            for (symbol, channel), silence in stale:  # type: ignore[misc]
-                logger.warning(
-                    "venue {} {} {} silent for {:.1f}s (stale_after {:g}s)",
-                    self.name,
-                    symbol,
-                    channel,
-                    silence,
-                    self.venue.stale_after[channel],
-                )
-                self.metrics.stalls.labels(self.name, channel).inc()
-                self.watchdog.seen((symbol, channel))  # one stall, one count
+            self.record_stalls(stale, everything)
+            for (symbol, channel), _ in stale:  # type: ignore[misc]
                 if channel == "trades":
                     self._suspect.add(symbol)
                 if not everything:
-                    self.symbol_breaker(symbol).failure(f"{channel} silent {silence:.1f}s")
                     held = self._subs.get((symbol, SUBTYPE[channel]))
                     if held is not None:
                         held.push = None
