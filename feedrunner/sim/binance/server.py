@@ -21,12 +21,12 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from feedrunner.sim.binance._fastmarket import FastMarket
 from feedrunner.sim.binance._history import TradeHistory
 from feedrunner.sim.binance._symbols import ALL_MARKET, CHANNELS, DepthAcc, SymbolFeed, split_symbol
 from feedrunner.sim.binance._wire import JSONDecodeError, dumps, levels, loads, text_frame
 from feedrunner.sim.binance.rest import RestApi, error_response, json_response
 from feedrunner.sim.faults import Fault, FaultBox
+from feedrunner.sim.market import MarketModel
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class _Conn:
 class BinanceSim:
     """Binance spot market data over loopback, driven by the shared seeded market model.
 
-    The tape is MarketModel's (FastMarket reproduces it exactly, faster), so a seed gives the same
+    The tape is MarketModel's, so a seed gives the same
     trades here as in every other simulator.
     """
 
@@ -87,7 +87,7 @@ class BinanceSim:
         self.tick, self.weight_limit, self.max_buffer = tick, weight_limit, max_buffer
         self.history_size = history
         self.api_keys = api_keys  # None: any key is accepted; a set: others get -2015 (401), as Binance answers
-        self.market = FastMarket(seed=seed)
+        self.market = MarketModel(seed=seed)
         self._order_rng = random.Random(f"{seed}:interleave")  # own stream: the tape stays seed-pure
         self.faults = FaultBox()
         self.faults.on_instant(self._on_instant)
