@@ -1,6 +1,6 @@
 """IB adapter throughput and reconnect time against the TWS simulator.
 
-Throughput: the simulator runs in its own process (python -m feedrunner.sim.tws); this process runs only
+Throughput: the simulator runs in its own process (`feedrunner sim ib`); this process runs only
 ib_async + IbAdapter with a counting emit, so the figures are per adapter process. Baseline in the same
 run: the TWS messages the bare ib_async client decoded (numMsgRecv) for the events we emitted.
 Reconnect: in-process simulator, drop / restart injected, time until every symbol streams again.
@@ -89,7 +89,7 @@ def free_port() -> int:
 async def throughput(rate: float, seconds: float = 8.0) -> dict:
     port = free_port()
     sim = subprocess.Popen(
-        [sys.executable, "-m", "feedrunner.sim.tws", "--port", str(port), "--rate", str(rate)],
+        [sys.executable, "-m", "feedrunner.cli", "sim", "ib", "--port", str(port), "--rate", str(rate)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )
