@@ -66,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=1)
     s.add_argument("--rate", type=float, default=5.0, help="trades per second per symbol")
     s.add_argument("--symbols", default="BTC/USDT,ETH/USDT,SOL/USDT", help="binance: comma-separated symbols")
+    s.add_argument("--tick", type=float, default=0.005, help="binance: seconds between batches of trades")
+    s.add_argument(
+        "--record-send-times", action="store_true", help="binance: keep each trade's send time, at GET /_sim/sent"
+    )
     return p
 
 
@@ -129,7 +133,9 @@ def _sim(args: argparse.Namespace) -> int:
         print(f"feedrunner: the {args.venue} simulator is not available: {exc}", file=sys.stderr)
         return EX_UNAVAILABLE
     if args.venue == "binance":
-        coro = sim.run_standalone(args.host, args.port, args.seed, args.rate, args.symbols.split(","))
+        coro = sim.run_standalone(
+            args.host, args.port, args.seed, args.rate, args.symbols.split(","), args.record_send_times, args.tick
+        )
     else:
         coro = sim.run_standalone(args.host, args.port, args.seed, args.rate)
     try:

@@ -59,11 +59,59 @@ Event = Trade | Ticker | Book
 
 
 def to_dict(event: Event) -> dict[str, object]:
-    """The sink record: venue, symbol, kind, timestamps, transport, then the kind's own fields."""
-    out: dict[str, object] = {"venue": event.venue, "symbol": event.symbol, "kind": event.kind}
-    for name in event.__slots__:  # type: ignore[union-attr]
-        out[name] = getattr(event, name)
-    return out
+    """The sink record: venue, symbol, kind, timestamps, transport, then the kind's own fields.
+
+    `venue` must stay the first key: `sinks.base.encode_lines` relies on it to split a batch.
+    """
+    return _RECORD[type(event)](event)  # type: ignore[operator]
+
+
+def _trade(e: Trade) -> dict[str, object]:
+    return {
+        "venue": e.venue,
+        "symbol": e.symbol,
+        "kind": "trade",
+        "ts_exchange": e.ts_exchange,
+        "ts_received": e.ts_received,
+        "transport": e.transport,
+        "id": e.id,
+        "price": e.price,
+        "amount": e.amount,
+        "side": e.side,
+        "backfilled": e.backfilled,
+    }
+
+
+def _ticker(e: Ticker) -> dict[str, object]:
+    return {
+        "venue": e.venue,
+        "symbol": e.symbol,
+        "kind": "ticker",
+        "ts_exchange": e.ts_exchange,
+        "ts_received": e.ts_received,
+        "transport": e.transport,
+        "bid": e.bid,
+        "ask": e.ask,
+        "last": e.last,
+        "volume": e.volume,
+    }
+
+
+def _book(e: Book) -> dict[str, object]:
+    return {
+        "venue": e.venue,
+        "symbol": e.symbol,
+        "kind": "book",
+        "ts_exchange": e.ts_exchange,
+        "ts_received": e.ts_received,
+        "transport": e.transport,
+        "bids": e.bids,
+        "asks": e.asks,
+        "sequence": e.sequence,
+    }
+
+
+_RECORD = {Trade: _trade, Ticker: _ticker, Book: _book}
 
 
 def ms_to_ns(ms: float | int | None) -> int | None:

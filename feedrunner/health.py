@@ -119,23 +119,33 @@ class Health:
     # -- feeding: O(1) ------------------------------------------------------------------------------
 
     def observe(self, event: Event) -> None:
-        now = event.ts_received / 1e9
-        latency = (event.ts_received - event.ts_exchange) / 1e9 if event.ts_exchange else None
-        if latency is not None and event.kind == "trade" and event.ts_exchange % 1_000_000_000 == 0:
-            latency = None  # a venue stamping trades to the whole second (IB tick-by-tick): no latency to read
-        key = (event.venue, event.transport)
-        s = self.series.get(key)
-        if s is None:
-            s = self.series[key] = Series(self.keep)
-        s.add(now, None if latency is None else max(0.0, latency))
-        self.last_seen[(event.venue, event.symbol, event.transport)] = now
-        sym = (event.venue, event.symbol)
-        stats = self.per_symbol.get(sym)
-        if stats is None:
-            stats = self.per_symbol[sym] = [0, 0.0]
-        stats[0] += 1
-        if latency is not None:  # an exponential average: O(1) and enough for a status table
-            stats[1] = latency if stats[0] == 1 else 0.9 * stats[1] + 0.1 * max(0.0, latency)
+        self.observe_many((event,))
+
+    def observe_many(self, events: Iterable[Event]) -> None:
+        """Per event: a bucket count and latency, last-seen time and the symbol's rate and latency average."""
+        series, last_seen, per_symbol = self.series, self.last_seen, self.per_symbol
+        for event in events:
+            received = event.ts_received
+            now = received / 1e9
+            stamped = event.ts_exchange
+            latency = None
+            if stamped and not (event.kind == "trade" and stamped % 1_000_000_000 == 0):
+                # (a trade stamped to the whole second, as IB's tick-by-tick are, has no latency to read)
+                latency = (received - stamped) / 1e9
+                if latency < 0.0:
+                    latency = 0.0
+            venue, symbol, transport = event.venue, event.symbol, event.transport
+            s = series.get((venue, transport))
+            if s is None:
+                s = series[(venue, transport)] = Series(self.keep)
+            s.add(now, latency)
+            last_seen[(venue, symbol, transport)] = now
+            stats = per_symbol.get((venue, symbol))
+            if stats is None:
+                stats = per_symbol[(venue, symbol)] = [0, 0.0]
+            stats[0] += 1
+            if latency is not None:  # an exponential average: O(1) and enough for a status table
+                stats[1] = latency if stats[0] == 1 else 0.9 * stats[1] + 0.1 * latency
 
     def observe_written(self, event: Event, written_ns: int) -> None:
         self.sink_latency.add(written_ns / 1e9, max(0.0, (written_ns - event.ts_received) / 1e9))

@@ -27,8 +27,8 @@ class Collector:
     def __init__(self) -> None:
         self.events: list[Event] = []
 
-    async def __call__(self, event: Event) -> None:
-        self.events.append(event)
+    async def __call__(self, events: list[Event]) -> None:
+        self.events.extend(events)
 
     def of(self, kind: type, symbol: str | None = None, since: int = 0) -> list[Any]:
         return [e for e in self.events[since:] if isinstance(e, kind) and (symbol is None or e.symbol == symbol)]

@@ -17,7 +17,7 @@ from typing import Any
 from loguru import logger
 
 from feedrunner.events import Event, Trade
-from feedrunner.metrics import Metrics
+from feedrunner.metrics import Metrics, observe_many
 from feedrunner.resilience import (
     BREAKER_VALUE,
     BackoffTimer,
@@ -31,7 +31,7 @@ from feedrunner.resilience import (
 )
 from feedrunner.spec import Venue
 
-Emit = Callable[[Event], Awaitable[None]]
+Emit = Callable[[list[Event]], Awaitable[None]]  # takes ownership of the list
 
 
 class Adapter(ABC):
@@ -165,11 +165,32 @@ class Adapter(ABC):
             self.changed.set()
 
     async def deliver(self, event: Event) -> None:
-        counter, histogram = self._children(event.transport, event.kind)
-        counter.inc()
-        if event.ts_exchange:
-            histogram.observe(max(0.0, (event.ts_received - event.ts_exchange) / 1e9))
-        await self.emit(event)
+        await self.deliver_many([event])
+
+    async def deliver_many(self, events: list[Event]) -> None:
+        """Count, time and emit a batch, in order; metrics are updated once per batch, not per event."""
+        if not events:
+            return
+        first = events[0]
+        key = (first.transport, first.kind)
+        latencies = []
+        for i, e in enumerate(events):
+            if (e.transport, e.kind) != key:  # mixed batch (rare): split it
+                self._account(events[:i], key, latencies)
+                await self.emit(events[:i])
+                await self.deliver_many(events[i:])
+                return
+            if e.ts_exchange:
+                lat = (e.ts_received - e.ts_exchange) / 1e9
+                latencies.append(lat if lat > 0.0 else 0.0)
+        self._account(events, key, latencies)
+        await self.emit(events)
+
+    def _account(self, events: list[Event], key: tuple[str, str], latencies: list[float]) -> None:
+        counter, histogram = self._children(*key)
+        counter.inc(len(events))
+        if latencies:
+            observe_many(histogram, latencies)
 
     def _children(self, transport: str, kind: str) -> tuple[Any, Any]:
         """Labelled metric children, looked up once: labels() costs more than the event's own parsing."""

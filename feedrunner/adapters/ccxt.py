@@ -22,7 +22,7 @@ from loguru import logger
 
 from feedrunner.adapters.base import Adapter, Emit, TradeContinuity, now_ns
 from feedrunner.adapters.base import short as _short
-from feedrunner.events import Book, Ticker, Trade, ms_to_ns
+from feedrunner.events import Book, Event, Ticker, Trade, ms_to_ns
 from feedrunner.metrics import Metrics
 from feedrunner.resilience import BreakerState, Classified, ConnState, ErrorKind, sleep_or_stop
 from feedrunner.spec import Venue
@@ -478,29 +478,38 @@ class CcxtAdapter(Adapter):
     # -- normalisation and continuity --------------------------------------------------------------
 
     async def _on_trades(self, trades: list[dict[str, Any]], transport: str) -> None:
+        """Normalise a batch, drop repeats, backfill before the first trade after a gap; emit in order."""
         received = now_ns()
+        name, check, last_ids = self.name, self.continuity.check, self.continuity.last
+        out: list[Event] = []
+        if transport == "websocket":
+            for symbol in {t["symbol"] for t in trades}:
+                self.seen(symbol, "trades")
         for t in trades:
             symbol = t["symbol"]
+            tid = t.get("id")
+            ts = t.get("timestamp")
             event = Trade(
-                self.name,
+                name,
                 symbol,
-                ms_to_ns(t.get("timestamp")),
+                None if ts is None else int(ts) * 1_000_000,
                 received,
                 transport,
-                str(t["id"]) if t.get("id") is not None else None,
+                None if tid is None else str(tid),
                 float(t["price"]),
                 float(t["amount"]),
                 t.get("side"),
             )
-            last = self.continuity.last.get(symbol)
-            fresh, missing = self.continuity.check(event)
-            if transport == "websocket":
-                self.seen(symbol, "trades")
+            last = last_ids.get(symbol)
+            fresh, missing = check(event)
             if not fresh:
                 continue
             if missing and last is not None:
+                await self.deliver_many(out)
+                out = []
                 await self._backfill(symbol, last, int(event.id), missing)  # type: ignore[arg-type]
-            await self.deliver(event)
+            out.append(event)
+        await self.deliver_many(out)
 
     async def _backfill(self, symbol: str, last: int, upto: int, missing: int) -> None:
         """Recover trades (last, upto) over REST, in order, once; count whatever cannot be had."""
@@ -513,10 +522,13 @@ class CcxtAdapter(Adapter):
                 if not got:
                     break
                 received = now_ns()
+                events: list[Event] = []
+                hole = False
                 for t in sorted(got, key=lambda t: int(t["id"])):
                     if int(t["id"]) != cursor + 1:
-                        break  # the venue's history has a hole too: stop, count the rest as lost
-                    await self.deliver(
+                        hole = True  # the venue's history has a hole too: stop, count the rest as lost
+                        break
+                    events.append(
                         Trade(
                             self.name,
                             symbol,
@@ -531,10 +543,10 @@ class CcxtAdapter(Adapter):
                         )
                     )
                     cursor += 1
-                    recovered += 1
-                else:
-                    continue
-                break
+                recovered += len(events)
+                await self.deliver_many(events)
+                if hole:
+                    break
         except Exception as exc:
             c = classify(exc)
             self.count(c, exc, symbol)

@@ -1063,6 +1063,6 @@ class IbAdapter(Adapter):
         venue time would be up to a second of rounding. Quotes carry RTVolume's millisecond clock."""
         if event.kind == "trade":
             self._children(event.transport, event.kind)[0].inc()
-            await self.emit(event)
+            await self.emit([event])
         else:
             await super().deliver(event)

@@ -28,6 +28,23 @@ class Sink(ABC):
         self.flush()
 
 
+_SPLIT = b'},{"venue":'
+_JOIN = b'}\n{"venue":'
+
+
+def encode_lines(events: Sequence[Event]) -> bytes:
+    """A batch as JSON lines, newline-terminated, in one orjson call.
+
+    One call for the batch is several times cheaper than one per event (orjson's output buffer is
+    allocated once, not per line). The list is then cut into lines at each `},{"venue":`, which can only
+    be the boundary between two records: inside a JSON string every `"` is escaped, so the unescaped
+    quote before `venue` must open a key, and `venue` is every record's first key and no nested key.
+    """
+    if not events:
+        return b""
+    return orjson.dumps([to_dict(e) for e in events])[1:-1].replace(_SPLIT, _JOIN) + b"\n"
+
+
 def dumps(event: Event) -> str:
-    """orjson: about five times faster than the json module, and ccxt already depends on it."""
+    """One record as a JSON line without its newline (tools, tests)."""
     return orjson.dumps(to_dict(event)).decode()

@@ -13,16 +13,19 @@ from pathlib import Path
 from typing import IO
 
 from feedrunner.events import Event
-from feedrunner.sinks.base import Sink, dumps
+from feedrunner.sinks.base import Sink, encode_lines
 from feedrunner.spec import Sink as SinkSpec
+
+PATH_CACHE = 4096  # formatted paths kept per day, by (venue, kind, symbol)
 
 
 class JsonlSink(Sink):
     def __init__(self, spec: SinkSpec) -> None:
         super().__init__(spec)
         self.template = spec.path or "data/{venue}/{date}.jsonl"
-        self._files: OrderedDict[str, IO[str]] = OrderedDict()
+        self._files: OrderedDict[str, IO[bytes]] = OrderedDict()
         self._day = ("", 0)  # (YYYY-MM-DD, first ns of the next day) cached: strftime per event is costly
+        self._paths: dict[tuple[str, str, str], str] = {}  # today's path per (venue, kind, symbol)
 
     def _date(self, ts_ns: int) -> str:
         day, until = self._day
@@ -31,9 +34,22 @@ class JsonlSink(Sink):
         secs = ts_ns // 1_000_000_000
         day = time.strftime("%Y-%m-%d", time.gmtime(secs))
         self._day = (day, (secs - secs % 86400 + 86400) * 1_000_000_000)
+        self._paths.clear()
         return day
 
-    def _file(self, path: str) -> IO[str]:
+    def _path(self, e: Event) -> str:
+        date = self._date(e.ts_received)
+        key = (e.venue, e.kind, e.symbol)
+        path = self._paths.get(key)
+        if path is None:
+            if len(self._paths) >= PATH_CACHE:
+                self._paths.clear()
+            path = self._paths[key] = self.template.format(
+                venue=e.venue, date=date, kind=e.kind, symbol=e.symbol.replace("/", "-")
+            )
+        return path
+
+    def _file(self, path: str) -> IO[bytes]:
         fh = self._files.get(path)
         if fh is not None:
             self._files.move_to_end(path)
@@ -43,18 +59,20 @@ class JsonlSink(Sink):
             old.close()
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        fh = self._files[path] = p.open("a", encoding="utf-8", buffering=1 << 16)
+        fh = self._files[path] = p.open("ab", buffering=1 << 16)
         return fh
 
     def write(self, events: Sequence[Event]) -> int:
-        by_path: dict[str, list[str]] = {}
+        by_path: dict[str, list[Event]] = {}
         for e in events:
-            path = self.template.format(
-                venue=e.venue, date=self._date(e.ts_received), kind=e.kind, symbol=e.symbol.replace("/", "-")
-            )
-            by_path.setdefault(path, []).append(dumps(e))
-        for path, lines in by_path.items():
-            self._file(path).write("\n".join(lines) + "\n")
+            path = self._path(e)
+            group = by_path.get(path)
+            if group is None:
+                by_path[path] = [e]
+            else:
+                group.append(e)
+        for path, group in by_path.items():
+            self._file(path).write(encode_lines(group))
         return len(events)
 
     def flush(self) -> None:

@@ -6,12 +6,12 @@ import sys
 from collections.abc import Sequence
 
 from feedrunner.events import Event
-from feedrunner.sinks.base import Sink, dumps
+from feedrunner.sinks.base import Sink, encode_lines
 
 
 class StdoutSink(Sink):
     def write(self, events: Sequence[Event]) -> int:
-        sys.stdout.write("".join(dumps(e) + "\n" for e in events))
+        sys.stdout.write(encode_lines(events).decode())  # text: shares sys.stdout's buffer with anything else
         return len(events)
 
     def flush(self) -> None:

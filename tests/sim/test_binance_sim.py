@@ -577,6 +577,11 @@ async def test_send_times_are_recorded_and_bounded() -> None:
         last = sim.last_trade_id("BTC/USDT")
         assert len(times) <= 100 and last in times and last - 100 not in times
         assert abs(times[last] - time.time_ns()) < 5e9
+        async with aiohttp.ClientSession() as http, http.get(sim.rest_url + "/_sim/sent") as r:
+            body = await r.json()
+        assert r.status == 200 and int(max(body["BTC/USDT"], key=int)) >= last - 5
+    async with venue(["BTC/USDT"]) as sim, aiohttp.ClientSession() as http, http.get(sim.rest_url + "/_sim/sent") as r:
+        assert r.status == 404  # not recording
 
 
 async def test_run_standalone_prints_venue_snippet(capsys: pytest.CaptureFixture[str]) -> None:

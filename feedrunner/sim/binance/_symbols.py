@@ -93,6 +93,7 @@ class SymbolFeed:
     phase1000: int = 0
     flushes: int = 0
     send_times: dict[int, int] | None = None
+    unsent: list[int] = field(default_factory=list)  # ids printed this tick, stamped once written
 
     def __post_init__(self) -> None:
         self.id = self.base + self.quote

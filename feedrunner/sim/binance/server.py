@@ -187,7 +187,7 @@ class BinanceSim:
 
     @property
     def send_times(self) -> dict[str, dict[int, int]]:
-        """trade id -> time.time_ns() at publication, per unified symbol (bounded by `history`)."""
+        """trade id -> time.time_ns() when it was written to the sockets, per unified symbol (bounded by `history`)."""
         return {f.unified: f.send_times for f in self.feeds if f.send_times is not None}
 
     @property
@@ -252,6 +252,7 @@ class BinanceSim:
         app.router.add_post("/_sim/faults", self._http_fault)
         app.router.add_post("/_sim/rate", self._http_rate)
         app.router.add_get("/_sim/stats", self._http_stats)
+        app.router.add_get("/_sim/sent", self._http_sent)
         return app
 
     async def _start_http(self, listen: bool = True) -> None:
@@ -324,6 +325,12 @@ class BinanceSim:
 
     async def _http_stats(self, request: web.Request) -> web.Response:
         return json_response(self.stats)
+
+    async def _http_sent(self, request: web.Request) -> web.Response:
+        """Send times (see `send_times`), for a benchmark in another process; 404 unless recording."""
+        if not self._record_send_times:
+            return json_response({"error": "send times are not recorded (record_send_times)"}, status=404)
+        return json_response({s: {str(i): t for i, t in times.items()} for s, times in self.send_times.items()})
 
     # --- websocket connections --------------------------------------------------------------------
 
@@ -643,6 +650,19 @@ class BinanceSim:
             except Exception:  # never let one bad batch kill the tape
                 log.exception("binance sim: emitting a batch failed")
             self._flush_out()
+            if self._record_send_times:
+                self._stamp_sent()
+
+    def _stamp_sent(self) -> None:
+        """The send time of a trade is when its tick's write returned, not when it was printed."""
+        now, cap = time.time_ns(), self.history_size
+        for f in self.feeds:
+            if f.unsent and f.send_times is not None:
+                times = f.send_times
+                for tid in f.unsent:
+                    times[tid] = now
+                    times.pop(tid - cap, None)
+                f.unsent.clear()
 
     def _emit_batch(self, batch: list[tuple[SymbolFeed, int]], now_ms: int) -> None:
         """Interleave the symbols' prints at random points of the tick, as they arrive from Binance.
@@ -677,7 +697,7 @@ class BinanceSim:
         want_t = not quiet and k_trade in subs
         want_a = not quiet and k_agg in subs
         want_b = not quiet and k_book in subs
-        times, cap = f.send_times, self.history_size
+        times, unsent = f.send_times, f.unsent
         off = f.agg_offset
 
         def one() -> None:
@@ -709,8 +729,7 @@ class BinanceSim:
                     junk,
                 )
             if times is not None:
-                times[t.id] = time.time_ns()
-                times.pop(t.id - cap, None)
+                unsent.append(t.id)
 
         return one
 
