@@ -60,6 +60,7 @@ class Pipeline:
         self.written = 0
         self.depth = 0  # events queued
         self._batches: deque[list[Event]] = deque()
+        self._written: dict[str, Any] = {}  # sink name -> its labelled counter
         self._ready = asyncio.Event()
         self._space = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -134,7 +135,11 @@ class Pipeline:
         for sink in self.sinks:
             events = batch if len(sink.kinds) == 3 else [e for e in batch if e.kind in sink.kinds]
             try:
-                self.metrics.sink_written.labels(sink.name).inc(sink.write(events))
+                written = sink.write(events)
+                counter = self._written.get(sink.name)
+                if counter is None:
+                    counter = self._written[sink.name] = self.metrics.sink_written.labels(sink.name)
+                counter.inc(written)
             except Exception as exc:  # a failing sink is counted and logged, never fatal to the feeds
                 self.metrics.sink_errors.labels(sink.name).inc()
                 logger.error("sink {} failed to write {} events: {}", sink.name, len(events), exc)

@@ -255,12 +255,14 @@ class CcxtAdapter(Adapter):
                 return
             try:
                 if channel == "trades":
-                    await self._on_trades(await ex.watch_trades_for_symbols(symbols), "websocket")
-                elif channel == "ticker":
-                    await ex.watch_tickers(symbols, {"name": "ticker"})
+                    trades = await ex.watch_trades_for_symbols(symbols)
+                    await self._on_trades([*trades, *self._swept_trades(symbols)], "websocket")
                 else:
-                    await ex.watch_order_book_for_symbols(symbols, depth)
-                await self._sweep(channel, symbols)
+                    if channel == "ticker":
+                        await ex.watch_tickers(symbols, {"name": "ticker"})
+                    else:
+                        await ex.watch_order_book_for_symbols(symbols, depth)
+                    await self._sweep(channel, symbols)
                 self._ws_ok()
             except asyncio.CancelledError as exc:
                 task = asyncio.current_task()
@@ -270,24 +272,32 @@ class CcxtAdapter(Adapter):
             except Exception as exc:
                 await self._ws_failed(exc, symbols)
 
-    async def _sweep(self, channel: str, symbols: list[str]) -> None:
-        """Take every symbol's news from ccxt's caches, not only the one symbol a watch call returned.
+    def _swept_trades(self, symbols: list[str]) -> list[dict[str, Any]]:
+        """Every symbol's unreported trades from ccxt's caches, not only those of the one symbol a watch
+        call returned: the others that arrived in the same read would otherwise stay there until their own
+        symbol happened to resolve a later call. Each cache is emptied once read, or 1,000 symbols x
+        tradesLimit parsed trades would sit in memory for nothing (getLimit's counters reset on the next
+        append by themselves)."""
+        caches = self.exchange.trades
+        if not isinstance(caches, dict):
+            return []
+        out: list[dict[str, Any]] = []
+        for symbol in symbols:
+            cache = caches.get(symbol)
+            if not cache:
+                continue
+            n = cache.getLimit(symbol, None)
+            if n:
+                out += cache[-n:]
+            if hasattr(cache, "_deque"):
+                cache._deque.clear()
+        return out
 
-        A multi-symbol watch resolves with one symbol; updates of the others that arrived in the same
-        read stay in the caches, unreported, until their symbol happens to resolve a later call.
-        """
+    async def _sweep(self, channel: str, symbols: list[str]) -> None:
+        """Tickers and books of every symbol that moved, for the same reason as `_swept_trades`."""
         ex = self.exchange
         for symbol in symbols:
-            if channel == "trades":
-                cache = ex.trades.get(symbol) if isinstance(ex.trades, dict) else None
-                n = cache.getLimit(symbol, None) if cache else 0
-                if n:
-                    await self._on_trades(list(cache[-n:]), "websocket")
-                if cache and hasattr(cache, "_deque"):
-                    # Everything in it has been consumed: drop it, or 1,000 symbols x tradesLimit parsed trades
-                    # sit in memory for nothing. getLimit's counters reset on the next append by themselves.
-                    cache._deque.clear()
-            elif channel == "ticker":
+            if channel == "ticker":
                 t = ex.tickers.get(symbol)
                 if t is not None and t.get("timestamp") != self._seen_stamp.get(("ticker", symbol)):
                     self._seen_stamp[("ticker", symbol)] = t.get("timestamp")

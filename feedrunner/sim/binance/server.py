@@ -632,9 +632,12 @@ class BinanceSim:
     async def _generate(self) -> None:
         """Trades in small batches on a short timer so 20k/s per symbol needs no per-trade wakeup."""
         loop = asyncio.get_running_loop()
-        last = loop.time()
+        last = due = loop.time()
         while True:
-            await asyncio.sleep(self.tick)
+            # On a fixed grid: sleeping `tick` after each batch's work stretched the period by that work,
+            # and the batches (and bursts at the client) grew with it.
+            due = max(due + self.tick, loop.time())
+            await asyncio.sleep(due - loop.time())
             now = loop.time()
             dt, last = min(now - last, 0.25), now  # after a long pause, don't burst
             now_ms = int(time.time() * 1000)
