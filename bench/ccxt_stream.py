@@ -80,9 +80,10 @@ class Sim:
             raise RuntimeError(f"simulator did not start: {line!r}")
         self.endpoints = {"rest": m.group(1), "ws": m.group(2)}
 
-    async def sent(self) -> dict[str, dict[int, int]]:
-        """Send time (ns) per trade id, per symbol."""
-        async with aiohttp.ClientSession() as http, http.get(self.endpoints["rest"] + "/_sim/sent") as r:
+    async def sent(self, since_ns: int = 0) -> dict[str, dict[int, int]]:
+        """Send time (ns) per trade id, per symbol, of the trades sent from `since_ns` on."""
+        url = f"{self.endpoints['rest']}/_sim/sent?since={since_ns}"
+        async with aiohttp.ClientSession() as http, http.get(url) as r:
             body = await r.json()
         return {s: {int(i): t for i, t in times.items()} for s, times in body.items()}
 
@@ -130,12 +131,7 @@ class LatencySink(JsonlSink):
         self.from_stamp_ns.clear()
 
     def latencies_from(self, sent: dict[str, dict[int, int]]) -> list[int]:
-        out = []
-        for symbol, tid, at in self.written:
-            t0 = sent.get(symbol, {}).get(tid)
-            if t0 is not None:
-                out.append(at - t0)
-        return out
+        return latencies(self.written, sent)
 
 
 def _spec(endpoints: dict[str, str], symbols: Sequence[str], transport: str = "websocket") -> Any:
@@ -202,6 +198,47 @@ async def run_bare(endpoints: dict[str, str], symbol: str, seconds: float, warmu
         await ex.close()
 
 
+async def bare_written(
+    endpoints: dict[str, str], symbols: Sequence[str], seconds: float, warmup: float = 2.0
+) -> list[tuple[str, int, int]]:
+    """The latency baseline: plain ccxt.pro, one watch_trades loop per symbol, noting when each trade
+    came back (symbol, id, time ns) and doing nothing else with it."""
+    ex = ccxt.pro.binance(
+        {"options": {"tradesLimit": 10_000, "fetchMarkets": {"types": ["spot"]}, "fetchCurrencies": False}}
+    )
+    ex.urls["api"] = rebase(ex.urls["api"], endpoints["rest"], endpoints["ws"])
+    seen: list[tuple[str, int, int]] = []
+    recording = False
+
+    async def watch(symbol: str) -> None:
+        while True:
+            trades = await ex.watch_trades(symbol)
+            if recording:
+                now = time.time_ns()
+                seen.extend((symbol, int(t["id"]), now) for t in trades)
+
+    tasks = [asyncio.ensure_future(watch(s)) for s in symbols]
+    try:
+        await asyncio.sleep(warmup)
+        recording = True
+        await asyncio.sleep(seconds)
+        return seen
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await ex.close()
+
+
+def latencies(written: Sequence[tuple[str, int, int]], sent: dict[str, dict[int, int]]) -> list[int]:
+    out = []
+    for symbol, tid, at in written:
+        t0 = sent.get(symbol, {}).get(tid)
+        if t0 is not None:
+            out.append(at - t0)
+    return out
+
+
 def pct(values: list[int], q: float) -> float:
     if not values:
         return float("nan")
@@ -244,16 +281,23 @@ async def latency_at(total: int, tick: float) -> dict[str, Any]:
     sim = Sim(symbols, total / len(symbols), tick)
     try:
         p50s, p99s, stamp_p50s, stamp_p99s, lost, rates = [], [], [], [], 0, []
+        bare_p50s: list[float] = []
+        bare_p99s: list[float] = []
         for _ in range(RUNS):
+            began = time.time_ns()
             sink, runner, rate = await run_runner(sim.endpoints, symbols, LATENCY_SECONDS)
-            latencies = sink.latencies_from(await sim.sent())
-            p50s.append(pct(latencies, 0.50))
-            p99s.append(pct(latencies, 0.99))
+            ours = sink.latencies_from(await sim.sent(began))
+            p50s.append(pct(ours, 0.50))
+            p99s.append(pct(ours, 0.99))
             stamp_p50s.append(pct(sink.from_stamp_ns, 0.50))
             stamp_p99s.append(pct(sink.from_stamp_ns, 0.99))
             counted = runner.metrics.registry.get_sample_value("feedrunner_trades_lost_total", {"venue": "binance"})
             lost += int(counted or 0) + sink.gaps
             rates.append(rate)
+            began = time.time_ns()
+            bare = latencies(await bare_written(sim.endpoints, symbols, LATENCY_SECONDS), await sim.sent(began))
+            bare_p50s.append(pct(bare, 0.50))
+            bare_p99s.append(pct(bare, 0.99))
     finally:
         sim.close()
     return {
@@ -261,6 +305,9 @@ async def latency_at(total: int, tick: float) -> dict[str, Any]:
         "p50_ms": round(statistics.median(p50s), 2),
         "p99_ms": round(statistics.median(p99s), 2),
         "p99_ms_runs": [round(v, 2) for v in p99s],
+        "bare_ccxt_p50_ms": round(statistics.median(bare_p50s), 2),
+        "bare_ccxt_p99_ms": round(statistics.median(bare_p99s), 2),
+        "bare_ccxt_p99_ms_runs": [round(v, 2) for v in bare_p99s],
         "from_trade_time_p50_ms": round(statistics.median(stamp_p50s), 2),
         "from_trade_time_p99_ms": round(statistics.median(stamp_p99s), 2),
         "lost_trades": lost,
@@ -342,6 +389,7 @@ async def amain() -> dict[str, Any]:
         print(
             f"  {rate.split('_')[0]:>6}/s tick {v['sim_tick_ms']:g} ms  p50 {v['p50_ms']:6.2f} ms"
             f"  p99 {v['p99_ms']:6.2f} ms  runs {v['p99_ms_runs']}"
+            f"  | bare ccxt.pro p50 {v['bare_ccxt_p50_ms']} / p99 {v['bare_ccxt_p99_ms']} ms"
             f"  (p50 {v['from_trade_time_p50_ms']} / p99 {v['from_trade_time_p99_ms']} ms)"
             f"  delivered {v['delivered_per_s']}/s  lost {v['lost_trades']}"
         )

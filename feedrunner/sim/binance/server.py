@@ -327,10 +327,17 @@ class BinanceSim:
         return json_response(self.stats)
 
     async def _http_sent(self, request: web.Request) -> web.Response:
-        """Send times (see `send_times`), for a benchmark in another process; 404 unless recording."""
+        """Send times (see `send_times`), for a benchmark in another process; 404 unless recording.
+        `?since=NS` leaves out trades sent before NS."""
         if not self._record_send_times:
             return json_response({"error": "send times are not recorded (record_send_times)"}, status=404)
-        return json_response({s: {str(i): t for i, t in times.items()} for s, times in self.send_times.items()})
+        try:
+            since = int(request.query.get("since", 0))  # ns: only trades sent from then on
+        except ValueError:
+            return json_response({"error": "since must be an integer (ns)"}, status=400)
+        return json_response(
+            {s: {str(i): t for i, t in times.items() if t >= since} for s, times in self.send_times.items()}
+        )
 
     # --- websocket connections --------------------------------------------------------------------
 
