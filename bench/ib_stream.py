@@ -72,12 +72,13 @@ class Count:
         self.tickers = self.trades = 0
         self.last: dict[str, float] = {}
 
-    async def __call__(self, e) -> None:
-        if isinstance(e, Trade):
-            self.trades += 1
-        else:
-            self.tickers += 1
-        self.last[e.symbol] = time.monotonic()
+    async def __call__(self, events) -> None:
+        for e in events:
+            if isinstance(e, Trade):
+                self.trades += 1
+            else:
+                self.tickers += 1
+            self.last[e.symbol] = time.monotonic()
 
 
 def free_port() -> int:

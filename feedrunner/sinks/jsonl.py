@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from operator import attrgetter
 from pathlib import Path
 from typing import IO
 
@@ -17,6 +18,7 @@ from feedrunner.sinks.base import Sink, encode_lines
 from feedrunner.spec import Sink as SinkSpec
 
 PATH_CACHE = 4096  # formatted paths kept per day, by (venue, kind, symbol)
+NS_PER_DAY = 86_400_000_000_000
 
 
 class JsonlSink(Sink):
@@ -26,6 +28,8 @@ class JsonlSink(Sink):
         self._files: OrderedDict[str, IO[bytes]] = OrderedDict()
         self._day = ("", 0)  # (YYYY-MM-DD, first ns of the next day) cached: strftime per event is costly
         self._paths: dict[tuple[str, str, str], str] = {}  # today's path per (venue, kind, symbol)
+        used = [f for f in ("venue", "kind", "symbol") if "{" + f in self.template]
+        self._key = attrgetter(*used) if used else (lambda e: None)
 
     def _date(self, ts_ns: int) -> str:
         day, until = self._day
@@ -63,16 +67,29 @@ class JsonlSink(Sink):
         return fh
 
     def write(self, events: Sequence[Event]) -> int:
-        by_path: dict[str, list[Event]] = {}
+        """Group by file, then one write of one encoded block per file. Events are grouped by the fields
+        the template uses (a template without {symbol} puts a whole batch in one group), and the path is
+        looked up once per group unless the batch crosses midnight."""
+        groups: dict[object, list[Event]] = {}
+        key = self._key
         for e in events:
-            path = self._path(e)
-            group = by_path.get(path)
+            k = key(e)
+            group = groups.get(k)
             if group is None:
-                by_path[path] = [e]
+                groups[k] = [e]
             else:
                 group.append(e)
-        for path, group in by_path.items():
-            self._file(path).write(encode_lines(group))
+        for group in groups.values():
+            self._date(group[0].ts_received)
+            day_start, day_end = self._day[1] - NS_PER_DAY, self._day[1]
+            if all(day_start <= e.ts_received < day_end for e in group):
+                self._file(self._path(group[0])).write(encode_lines(group))
+            else:  # the day changed inside the batch
+                by_path: dict[str, list[Event]] = {}
+                for e in group:
+                    by_path.setdefault(self._path(e), []).append(e)
+                for path, part in by_path.items():
+                    self._file(path).write(encode_lines(part))
         return len(events)
 
     def flush(self) -> None:
