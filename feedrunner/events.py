@@ -6,8 +6,9 @@ the venue gives none), `ts_received` from time.time_ns() when the bytes were par
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 Transport = Literal["websocket", "polling", "hybrid"]
 Level = tuple[float, float]  # (price, amount)
@@ -112,6 +113,19 @@ def _book(e: Book) -> dict[str, object]:
 
 
 _RECORD = {Trade: _trade, Ticker: _ticker, Book: _book}
+
+
+def group_by(events: Iterable[Event], key: Callable[[Event], Any]) -> dict[Any, list[Event]]:
+    """Events by key, each group in arrival order (one pass; the batch paths use it per batch)."""
+    groups: dict[Any, list[Event]] = {}
+    for e in events:
+        k = key(e)
+        group = groups.get(k)
+        if group is None:
+            groups[k] = [e]
+        else:
+            group.append(e)
+    return groups
 
 
 def ms_to_ns(ms: float | int | None) -> int | None:

@@ -18,7 +18,7 @@ from operator import attrgetter
 
 import psutil
 
-from feedrunner.events import Event
+from feedrunner.events import Event, group_by
 from feedrunner.spec import Condition
 
 # Latency histogram edges in seconds: fine below 100 ms, coarse above. A percentile is reported as the
@@ -152,16 +152,8 @@ class Health:
     def observe_many(self, events: Iterable[Event]) -> None:
         """Per event: a bucket count and latency; per symbol and batch: last-seen time, count and the
         latency average. Grouped first, so the per-event part is a few operations."""
-        groups: dict[tuple[str, str, str], list[Event]] = {}
-        for event in events:
-            k = _KEY(event)
-            group = groups.get(k)
-            if group is None:
-                groups[k] = [event]
-            else:
-                group.append(event)
         series, last_seen, per_symbol = self.series, self.last_seen, self.per_symbol
-        for (venue, transport, symbol), group in groups.items():
+        for (venue, transport, symbol), group in group_by(events, _KEY).items():
             s = series.get((venue, transport))
             if s is None:
                 s = series[(venue, transport)] = Series(self.keep)

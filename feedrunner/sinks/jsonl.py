@@ -13,7 +13,7 @@ from operator import attrgetter
 from pathlib import Path
 from typing import IO
 
-from feedrunner.events import Event
+from feedrunner.events import Event, group_by
 from feedrunner.sinks.base import Sink, encode_lines
 from feedrunner.spec import Sink as SinkSpec
 
@@ -70,16 +70,7 @@ class JsonlSink(Sink):
         """Group by file, then one write of one encoded block per file. Events are grouped by the fields
         the template uses (a template without {symbol} puts a whole batch in one group), and the path is
         looked up once per group unless the batch crosses midnight."""
-        groups: dict[object, list[Event]] = {}
-        key = self._key
-        for e in events:
-            k = key(e)
-            group = groups.get(k)
-            if group is None:
-                groups[k] = [e]
-            else:
-                group.append(e)
-        for group in groups.values():
+        for group in group_by(events, self._key).values():
             self._date(group[0].ts_received)
             day_start, day_end = self._day[1] - NS_PER_DAY, self._day[1]
             if all(day_start <= e.ts_received < day_end for e in group):
