@@ -592,10 +592,21 @@ async def freeze_heap_when_up(runner: Runner, timeout: float = 30.0) -> None:
     logger.debug("{} long-lived objects frozen out of garbage collection", gc.get_freeze_count())
 
 
+def log_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """asyncio's unhandled errors (a client library's stray task failing) go to our log, not raw stderr.
+    A connection error there is expected after we drop a socket (aiohttp's pending pong, say): debug."""
+    exc = context.get("exception")
+    if isinstance(exc, ConnectionError):
+        logger.debug("asyncio: {}: {}", context.get("message"), exc)
+    else:
+        logger.opt(exception=exc).error("asyncio: {}", context.get("message"))
+
+
 async def serve(spec: Spec, watch: bool = False) -> int:
     runner = Runner(spec)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(log_loop_exception)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(runner.reload_file()))

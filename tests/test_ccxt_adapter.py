@@ -223,3 +223,24 @@ async def test_auth_error_stops_the_venue_without_a_hot_loop():
             assert sample(adapter, "feedrunner_errors_total", kind="auth") >= 1
         finally:
             await adapter.stop()
+
+
+async def test_symbols_leaving_the_websocket_are_not_left_streaming(run_adapter, sim):
+    """Stopping our loop is not enough: ccxt stays subscribed, parsing and caching for nobody."""
+    adapter, out = await run_adapter("websocket", channels=["trades", "ticker"])
+    await wait_until(lambda: all(out.of(Trade, s) and out.of(Ticker, s) for s in SYMBOLS), 10, "streams")
+    adapter.apply({"BTC/USDT": "polling", "ETH/USDT": "websocket", "SOL/USDT": "websocket"})
+    n = len(out.events)
+    await wait_until(lambda: {e.transport for e in out.events[n:] if e.symbol == "BTC/USDT"} == {"polling"}, 5, "poll")
+    cached = []
+    for _ in range(20):  # BTC may still arrive on the old connection: ccxt's cache of it stays pruned
+        await asyncio.sleep(0.1)
+        cached.append(len(adapter.exchange.trades.get("BTC/USDT") or []))
+    assert max(cached) <= 40, cached  # at most about 0.5 s of its 40 trades/s
+    adapter.apply(dict.fromkeys(SYMBOLS, "polling"))  # as when the venue's breaker opens
+    await wait_until(lambda: sim.stats["connections"] == 0, 5, "the websocket closed once nothing streams")
+    assert not any(sim._subs.values())
+    n = len(out.events)
+    await wait_until(lambda: {e.symbol for e in out.events[n:] if isinstance(e, Trade)} == set(SYMBOLS), 10, "polls")
+    assert not adapter.exchange.trades
+    out.assert_contiguous()

@@ -12,11 +12,12 @@ import orjson
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
+from loguru import logger
 from prometheus_client import CollectorRegistry, Histogram
 
 from feedrunner.events import Book, Event, Ticker, Trade, to_dict
 from feedrunner.metrics import Metrics, observe_many
-from feedrunner.runner import Pipeline
+from feedrunner.runner import Pipeline, log_loop_exception
 from feedrunner.sinks.base import Sink, encode_lines
 from feedrunner.sinks.jsonl import JsonlSink
 from feedrunner.spec import Sink as SinkSpec
@@ -155,3 +156,19 @@ def test_observe_many_matches_observe(seed: int) -> None:
         for r in (one, many)
     ]
     assert samples[0] == samples[1]
+
+
+def test_stray_task_errors_reach_the_log_not_stderr() -> None:
+    """A client library's unretrieved task failure is logged: a dropped socket's at debug, others as errors."""
+    lines: list[tuple[str, str]] = []
+    sink_id = logger.add(lambda m: lines.append((m.record["level"].name, m.record["message"])), level="DEBUG")
+    loop = asyncio.new_event_loop()
+    try:
+        loop.set_exception_handler(log_loop_exception)
+        for exc in (ConnectionResetError("Cannot write to closing transport"), ValueError("boom")):
+            loop.call_exception_handler({"message": "Task exception was never retrieved", "exception": exc})
+    finally:
+        loop.close()
+        logger.remove(sink_id)
+    assert ("DEBUG", "asyncio: Task exception was never retrieved: Cannot write to closing transport") in lines
+    assert ("ERROR", "asyncio: Task exception was never retrieved") in lines

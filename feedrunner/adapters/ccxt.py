@@ -28,6 +28,11 @@ from feedrunner.resilience import BreakerState, Classified, ConnState, ErrorKind
 from feedrunner.spec import Venue
 
 CHUNK = 100  # symbols per multi-symbol watch call (Binance accepts 200 at most)
+UNWATCH = {  # channel -> ccxt.pro method and the params its watch used
+    "trades": ("un_watch_trades_for_symbols", {}),
+    "ticker": ("un_watch_tickers", {"name": "ticker"}),
+    "book": ("un_watch_order_book_for_symbols", {}),
+}
 CONTIGUOUS_TRADE_IDS = frozenset({"binance", "binanceus", "binanceusdm", "binancecoinm"})
 
 
@@ -205,6 +210,7 @@ class CcxtAdapter(Adapter):
         for name, symbols in wanted_loops.items():
             if name not in self._loops:
                 self._start_loop(name, symbols)
+        self._prune()
         for transport in ("websocket", "polling", "hybrid"):
             self.metrics.symbols.labels(self.name, transport).set(len(by_transport[transport]))
         if self.conn.state is ConnState.CONNECTED and (
@@ -237,6 +243,7 @@ class CcxtAdapter(Adapter):
         if kind == "ws":
             for s in symbols:
                 self.watchdog.disarm((s, channel))
+            self.spawn(self._unwatch(channel, symbols), f"{self.name}-unwatch-{channel}")
         logger.info(
             "venue {} unsubscribe {} {} {}",
             self.name,
@@ -246,6 +253,44 @@ class CcxtAdapter(Adapter):
         )
 
     # -- websocket ---------------------------------------------------------------------------------
+
+    async def _unwatch(self, channel: str, symbols: tuple[str, ...]) -> None:
+        """Stopping a loop leaves ccxt subscribed: the venue keeps sending, ccxt keeps parsing, and its
+        trade caches fill up to trades_buffer per symbol with nobody reading them (a breaker falling back
+        to polling on 1,000 symbols held hundreds of MB that way). Once the reconcile pass that stopped the
+        loop has started its replacements:
+        - when none of the loop's symbols streams any more, unsubscribe them. ccxt.pro picks the
+          connection by the symbol set and then drops those symbols' caches, so this is only safe when no
+          other loop reads them; a reshuffled chunk keeps its old subscription, and `_prune` drops what
+          piles up for the symbols that left;
+        - with no loop left at all, close the sockets.
+        """
+        await asyncio.sleep(0)
+        ex = self.exchange
+        if self.stopping.is_set() or ex is None:
+            return
+        if not set(symbols) & self._streamed(channel):
+            method, params = UNWATCH[channel]
+            if getattr(ex, "clients", None) and hasattr(ex, method):
+                try:
+                    await asyncio.wait_for(getattr(ex, method)(list(symbols), dict(params)), timeout=5)
+                except Exception as exc:  # the socket may be gone already: then there is nothing to undo
+                    logger.debug("venue {} unsubscribe {} {}: {}", self.name, channel, _names(symbols), _short(exc))
+        self._prune()
+        if not self._streaming():
+            await self._drop_ws_clients("no symbol streams over the websocket any more")
+
+    def _streamed(self, channel: str) -> set[str]:
+        return {s for name, syms in self._ws_sets.items() if name.startswith(f"ws:{channel}:") for s in syms}
+
+    def _prune(self) -> None:
+        """Forget ccxt's cached data of symbols no loop streams (a subscription left behind still fills it)."""
+        ex = self.exchange
+        for channel, cache in (("trades", ex.trades), ("ticker", ex.tickers), ("book", ex.orderbooks)):
+            if isinstance(cache, dict) and cache:
+                streamed = self._streamed(channel)
+                for symbol in [s for s in cache if s not in streamed]:
+                    cache.pop(symbol, None)
 
     async def _ws_loop(self, channel: str, symbols: list[str]) -> None:
         ex = self.exchange
