@@ -209,6 +209,16 @@ class Adapter(ABC):
         if c.kind not in (ErrorKind.NETWORK,):
             logger.warning("venue {}{} error ({}): {}", self.name, f" {symbol}" if symbol else "", c.kind, short(exc))
 
+    def backfill_done(self, symbol: str, recovered: int, lost: int, span: str) -> None:
+        """A backfill's outcome, one rule for every venue: recovered trades counted, the rest counted as
+        lost and logged as an error (nothing is lost silently). `span` says where: "between ids 5 and 9"."""
+        self.metrics.trades_backfilled.labels(self.name).inc(recovered)
+        if lost:
+            self.metrics.trades_lost.labels(self.name).inc(lost)
+            logger.error("venue {} {}: {} trade(s) lost {} ({} backfilled)", self.name, symbol, lost, span, recovered)
+        elif recovered:
+            logger.info("venue {} {}: backfilled {} trade(s) {}", self.name, symbol, recovered, span)
+
     def fail_auth(self, exc: BaseException) -> None:
         """Credentials rejected: retrying only gets the key banned. Stop this venue; an operator must act."""
         logger.error(

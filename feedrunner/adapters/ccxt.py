@@ -543,11 +543,10 @@ class CcxtAdapter(Adapter):
         for t in trades:
             symbol = t["symbol"]
             tid = t.get("id")
-            ts = t.get("timestamp")
             event = Trade(
                 name,
                 symbol,
-                None if ts is None else int(ts) * 1_000_000,
+                ms_to_ns(t.get("timestamp")),
                 received,
                 transport,
                 None if tid is None else str(tid),
@@ -606,28 +605,7 @@ class CcxtAdapter(Adapter):
             c = classify(exc)
             self.count(c, exc, symbol)
             logger.warning("venue {} backfill {} failed ({}): {}", self.name, symbol, c.kind, _short(exc))
-        lost = missing - recovered
-        self.metrics.trades_backfilled.labels(self.name).inc(recovered)
-        if lost:
-            self.metrics.trades_lost.labels(self.name).inc(lost)
-            logger.error(
-                "venue {} {}: {} trade(s) lost between ids {} and {} ({} backfilled)",
-                self.name,
-                symbol,
-                lost,
-                last,
-                upto,
-                recovered,
-            )
-        else:
-            logger.info(
-                "venue {} {}: backfilled {} trade(s) between ids {} and {}",
-                self.name,
-                symbol,
-                recovered,
-                last,
-                upto,
-            )
+        self.backfill_done(symbol, recovered, missing - recovered, f"between ids {last} and {upto}")
 
     async def _on_ticker(self, t: dict[str, Any], transport: str) -> None:
         symbol = t["symbol"]

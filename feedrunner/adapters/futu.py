@@ -709,21 +709,11 @@ class FutuAdapter(Adapter):
             c = classify(exc)
             self.count(c, exc, symbol)
             logger.warning("venue {} backfill {} failed ({}): {}", self.name, symbol, c.kind, short(exc))
-        self.metrics.trades_backfilled.labels(self.name).inc(recovered)
         exact = self._exact.get(symbol)
-        lost = max(0, missing - recovered) if exact else 0
-        if lost:
-            self.metrics.trades_lost.labels(self.name).inc(lost)
-            logger.error(
-                "venue {} {}: {} trade(s) lost between sequences {} and {} ({} backfilled)",
-                self.name,
-                symbol,
-                lost,
-                last,
-                upto,
-                recovered,
-            )
-        elif not exact and not reached:
+        self.backfill_done(
+            symbol, recovered, max(0, missing - recovered) if exact else 0, f"between sequences {last} and {upto}"
+        )
+        if not exact and not reached:
             logger.error(
                 "venue {} {}: OpenD's last {} prints do not reach back to sequence {}: "
                 "an unknown number of trades before {} is lost ({} backfilled)",
@@ -734,8 +724,6 @@ class FutuAdapter(Adapter):
                 upto,
                 recovered,
             )
-        elif recovered:
-            logger.info("venue {} {}: backfilled {} trade(s) after sequence {}", self.name, symbol, recovered, last)
 
     # -- desired -> actual subscriptions -----------------------------------------------------------------
 

@@ -964,9 +964,7 @@ class IbAdapter(Adapter):
                 elif self._gap_gen.get(symbol, 0) == gen:
                     self._gap_from.pop(symbol, None)  # else the stream stopped again meanwhile: read once more
         finally:
-            self.metrics.trades_backfilled.labels(self.name).inc(recovered)
-            if recovered:
-                logger.info("venue {} {}: backfilled {} trade(s)", self.name, symbol, recovered)
+            self.backfill_done(symbol, recovered, 0, "after the gap")  # IB's losses cannot be counted: see above
 
     async def _backfill_from(self, symbol: str, contract: Contract, start: int) -> tuple[str, int, int]:
         """(done | gave_up | interrupted, trades emitted, first second not read)."""
