@@ -180,11 +180,17 @@ async def run_runner(
     return sink, runner, rate
 
 
-async def run_bare(endpoints: dict[str, str], symbol: str, seconds: float, warmup: float = 2.0) -> float:
+def bare_client(endpoints: dict[str, str]) -> Any:
+    """Plain ccxt.pro binance pointed at the simulator, with the runner's trade cache size."""
     ex = ccxt.pro.binance(
         {"options": {"tradesLimit": 10_000, "fetchMarkets": {"types": ["spot"]}, "fetchCurrencies": False}}
     )
     ex.urls["api"] = rebase(ex.urls["api"], endpoints["rest"], endpoints["ws"])
+    return ex
+
+
+async def run_bare(endpoints: dict[str, str], symbol: str, seconds: float, warmup: float = 2.0) -> float:
+    ex = bare_client(endpoints)
     count = 0
     try:
         t_end = time.monotonic() + warmup
@@ -203,10 +209,7 @@ async def bare_written(
 ) -> list[tuple[str, int, int]]:
     """The latency baseline: plain ccxt.pro, one watch_trades loop per symbol, noting when each trade
     came back (symbol, id, time ns) and doing nothing else with it."""
-    ex = ccxt.pro.binance(
-        {"options": {"tradesLimit": 10_000, "fetchMarkets": {"types": ["spot"]}, "fetchCurrencies": False}}
-    )
-    ex.urls["api"] = rebase(ex.urls["api"], endpoints["rest"], endpoints["ws"])
+    ex = bare_client(endpoints)
     seen: list[tuple[str, int, int]] = []
     recording = False
 

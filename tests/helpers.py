@@ -8,7 +8,11 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
+import yaml
+
+from feedrunner.adapters.base import Adapter
 from feedrunner.events import Event, Trade
+from feedrunner.spec import Venue, check_text
 
 
 async def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> float:
@@ -43,3 +47,16 @@ class Collector:
         """Every trade id exactly once, in order, with no hole, for every symbol."""
         for symbol, ids in self.trade_ids().items():
             assert ids == list(range(ids[0], ids[0] + len(ids))), f"{symbol}: not contiguous"
+
+
+def venue_from(name: str, settings: dict[str, Any]) -> Venue:
+    """One venue through the real feeds.yaml checks, as the runner would get it."""
+    doc = {"version": 1, "environment": "live", "venues": {name: settings}}
+    spec, problems = check_text(yaml.safe_dump(doc), "test.yaml", {})
+    assert spec is not None, [str(p) for p in problems]
+    return spec.venues[0]
+
+
+def sample(adapter: Adapter, name: str, **labels: str) -> float:
+    """A metric of the adapter's venue (0 when never set)."""
+    return adapter.metrics.registry.get_sample_value(name, {"venue": adapter.name, **labels}) or 0.0

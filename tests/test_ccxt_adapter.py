@@ -9,15 +9,14 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-import yaml
-from helpers import Collector, wait_until
+from helpers import Collector, sample, venue_from, wait_until
 
 from feedrunner.adapters.ccxt import CcxtAdapter
 from feedrunner.events import Book, Ticker, Trade
 from feedrunner.metrics import Metrics
 from feedrunner.resilience import BreakerState, ConnState
 from feedrunner.sim.binance import BinanceSim
-from feedrunner.spec import Venue, check_text
+from feedrunner.spec import Venue
 
 SYMBOLS = ["BTC/USDT", "ETH/USDT", "SOL/USDT"]
 
@@ -35,11 +34,7 @@ def make_venue(endpoints: dict[str, str], **settings: Any) -> Venue:
         "circuit_breaker": {"failure_threshold": 3, "recovery_timeout": "2s"},
     }
     venue.update(settings)
-    spec, problems = check_text(
-        yaml.safe_dump({"version": 1, "environment": "live", "venues": {"binance": venue}}), "test.yaml", {}
-    )
-    assert spec is not None, [str(p) for p in problems]
-    return spec.venues[0]
+    return venue_from("binance", venue)
 
 
 @pytest.fixture
@@ -63,10 +58,6 @@ async def run_adapter(sim: BinanceSim) -> AsyncIterator[Callable[..., Any]]:
     yield start
     for adapter in started:
         await adapter.stop()
-
-
-def sample(adapter: CcxtAdapter, name: str, **labels: str) -> float:
-    return adapter.metrics.registry.get_sample_value(name, {"venue": "binance", **labels}) or 0.0
 
 
 async def all_kinds_for_all_symbols(out: Collector, timeout: float = 10) -> None:

@@ -15,15 +15,14 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-import yaml
-from helpers import Collector, wait_until
+from helpers import Collector, sample, venue_from, wait_until
 
 from feedrunner.adapters.futu import FutuAdapter, futu
 from feedrunner.events import Book, Ticker, Trade
 from feedrunner.metrics import Metrics
 from feedrunner.resilience import BreakerState, ConnState
 from feedrunner.sim.opend import OpenDSim
-from feedrunner.spec import Venue, check_text
+from feedrunner.spec import Venue
 
 CODES = ["HK.00700", "HK.09988", "US.AAPL", "US.TSLA"]
 ALL_SUBS = sorted((c, t) for c in CODES for t in ("QUOTE", "TICKER", "ORDER_BOOK"))
@@ -47,15 +46,7 @@ def make_venue(port: int, **settings: Any) -> Venue:
         "circuit_breaker": {"failure_threshold": 3, "recovery_timeout": "2s"},
     }
     venue.update(settings)
-    spec, problems = check_text(
-        yaml.safe_dump({"version": 1, "environment": "live", "venues": {"futu": venue}}), "test.yaml", {}
-    )
-    assert spec is not None, [str(p) for p in problems]
-    return spec.venues[0]
-
-
-def sample(adapter: FutuAdapter, name: str, **labels: str) -> float:
-    return adapter.metrics.registry.get_sample_value(name, {"venue": "futu", **labels}) or 0.0
+    return venue_from("futu", venue)
 
 
 def leftover_threads(baseline: set[threading.Thread]) -> list[threading.Thread]:

@@ -15,8 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-import yaml
-from helpers import Collector, wait_until
+from helpers import Collector, sample, venue_from, wait_until
 from ib_async import IB
 
 from feedrunner.adapters import ib as ib_adapter
@@ -25,7 +24,7 @@ from feedrunner.events import Ticker, Trade
 from feedrunner.metrics import Metrics
 from feedrunner.resilience import ConnState
 from feedrunner.sim.tws import TwsSim
-from feedrunner.spec import Venue, check_text
+from feedrunner.spec import Venue
 
 STOCKS = ["AAPL", "MSFT", "AMZN", "GOOGL", "NVDA"]
 SYMBOLS = [*STOCKS, "EUR.USD"]
@@ -45,11 +44,7 @@ def make_venue(port: int, **settings: Any) -> Venue:
         "circuit_breaker": {"failure_threshold": 100, "recovery_timeout": "2s"},
     }
     venue.update(settings)
-    spec, problems = check_text(
-        yaml.safe_dump({"version": 1, "environment": "live", "venues": {"ib": venue}}), "test.yaml", {}
-    )
-    assert spec is not None, [str(p) for p in problems]
-    return spec.venues[0]
+    return venue_from("ib", venue)
 
 
 def flowing(out: Collector, since: int) -> bool:
@@ -83,10 +78,6 @@ async def run_adapter(sim: TwsSim) -> AsyncIterator[Callable[..., Any]]:
     yield start
     for adapter in started:
         await adapter.stop()
-
-
-def sample(adapter: IbAdapter, name: str, **labels: str) -> float:
-    return adapter.metrics.registry.get_sample_value(name, {"venue": "ib", **labels}) or 0.0
 
 
 async def streaming(out: Collector, timeout: float = 10) -> None:

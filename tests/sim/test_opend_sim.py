@@ -8,16 +8,9 @@ every client call goes through `asyncio.to_thread` with a deadline, and every co
 from __future__ import annotations
 
 import asyncio
-import atexit
 import hashlib
 import itertools
-import logging
-import os
 import re
-import shutil
-import signal
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -26,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from feedrunner.adapters.futu import futu  # imported without its side effects on this process
 from feedrunner.sim.opend import OpenDSim, ProtoId, run_standalone
 from feedrunner.sim.opend import _pb as pb
 from feedrunner.sim.opend.protocol import HEADER_LEN, FrameDecoder, ProtocolError, encode
@@ -34,40 +28,6 @@ HOST = "127.0.0.1"
 
 # futu-api's network thread calls Thread.setDaemon(), deprecated since 3.10; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:setDaemon:DeprecationWarning")
-
-
-def _import_futu_quietly() -> Any:
-    """Import futu-api without its side effects on this process.
-
-    At import it opens a log file under $HOME/.com.futunn.FutuOpenD/Log (so HOME points at a throwaway
-    folder while it loads), it writes warnings to stdout, and it installs a SIGINT handler that calls
-    os._exit(0), which would turn Ctrl-C into a silent, successful-looking exit.
-    """
-    if "futu" not in sys.modules:
-        home = tempfile.mkdtemp(prefix="futu-home-")
-        atexit.register(shutil.rmtree, home, True)
-        saved = os.environ.get("HOME")
-        os.environ["HOME"] = home
-        try:
-            import futu
-        finally:
-            if saved is None:
-                os.environ.pop("HOME", None)
-            else:
-                os.environ["HOME"] = saved
-    import futu
-    from futu.common.ft_logger import logger
-
-    # enable_console_log(False) is not enough: with its handler removed, logging's last-resort handler
-    # still prints warnings to stderr. Raising the level stops them before they are formatted.
-    logger.console_level = logging.CRITICAL + 1
-    logger.file_level = logging.WARNING  # DEBUG (the default) logs every push, which costs throughput
-    if signal.getsignal(signal.SIGINT) is getattr(futu, "quit_handler", None):
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    return futu
-
-
-futu = _import_futu_quietly()
 
 
 class _Ctx(futu.OpenQuoteContext):  # type: ignore[misc]
