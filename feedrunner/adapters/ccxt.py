@@ -66,6 +66,10 @@ def _names(symbols: tuple[str, ...] | list[str]) -> str:
     return ",".join(symbols) if len(symbols) <= 10 else f"{len(symbols)} symbols ({','.join(symbols[:5])}, ...)"
 
 
+def _ignore(*_: Any) -> None:
+    """The message callback of a dropped websocket client."""
+
+
 def _chunks(items: list[str], n: int = CHUNK) -> Iterable[list[str]]:
     for i in range(0, len(items), n):
         yield items[i : i + n]
@@ -436,11 +440,18 @@ class CcxtAdapter(Adapter):
 
     async def _drop_ws_clients(self, why: str) -> None:
         """Fail the pending watch calls with a NetworkError (ccxt's own close() would cancel them) and
-        forget the clients, so the next watch call opens a fresh connection and resubscribes."""
+        forget the clients, so the next watch call opens a fresh connection and resubscribes.
+
+        A dropped client is detached first: frames it reads while closing (ccxt handles the last one
+        after close() returns) must not refill the caches, and its late close must not evict the new
+        client ccxt keys under the same url (ccxt skips that when the client has an error)."""
         clients = getattr(self.exchange, "clients", {})
         for url, client in list(clients.items()):
             clients.pop(url, None)
-            client.reject(ccxt.NetworkError(f"{self.name}: {why}"))
+            error = ccxt.NetworkError(f"{self.name}: {why}")
+            client.error = error
+            client.on_message_callback = _ignore
+            client.reject(error)
             with contextlib.suppress(Exception):
                 await client.aiohttp_close()
 
