@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 from helpers import Collector, sample, venue_from, wait_until
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from feedrunner.adapters.ccxt import CcxtAdapter
+from feedrunner.adapters.ccxt import CcxtAdapter, Chunks
 from feedrunner.events import Book, Ticker, Trade
 from feedrunner.metrics import Metrics
 from feedrunner.resilience import BreakerState, ConnState
@@ -58,6 +60,22 @@ async def run_adapter(sim: BinanceSim) -> AsyncIterator[Callable[..., Any]]:
     yield start
     for adapter in started:
         await adapter.stop()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sets(st.integers(0, 40)), st.lists(st.integers(0, 40), max_size=30))
+def test_chunks_cover_every_symbol_and_a_symbol_moving_changes_one_chunk(start, toggles):
+    chunks = Chunks(size=7)
+    wanted = {f"S{n}/USDT" for n in start}
+    before = chunks.assign(wanted)
+    for n in toggles:  # one symbol joins or leaves the websocket at a time
+        wanted ^= {f"S{n}/USDT"}
+        after = chunks.assign(wanted)
+        assert sorted(s for chunk in after.values() for s in chunk) == sorted(wanted)
+        assert all(0 < len(chunk) <= 7 for chunk in after.values())
+        changed = [i for i in before.keys() | after.keys() if before.get(i) != after.get(i)]
+        assert len(changed) <= 1, (before, after)
+        before = after
 
 
 async def all_kinds_for_all_symbols(out: Collector, timeout: float = 10) -> None:
@@ -237,3 +255,30 @@ async def test_symbols_leaving_the_websocket_are_not_left_streaming(run_adapter,
     await wait_until(lambda: {e.symbol for e in out.events[n:] if isinstance(e, Trade)} == set(SYMBOLS), 10, "polls")
     assert not adapter.exchange.trades
     out.assert_contiguous()
+
+
+async def test_a_symbol_set_that_changes_is_streamed_once(run_adapter, sim):
+    """One symbol falling back to polling and returning changes its chunk's symbol set. ccxt.pro binance
+    subscribes the new set on a connection of its own; the old one must go, or the rest of the chunk
+    arrives twice, parsed twice, for as long as the connection lives."""
+    adapter, out = await run_adapter("websocket", channels=["trades", "book"])
+    await wait_until(lambda: all(out.of(Trade, s) and out.of(Book, s) for s in SYMBOLS), 10, "streams")
+
+    def subscriptions() -> dict[str, int]:
+        return {stream: len(conns) for stream, conns in sim._subs.items() if conns}
+
+    def streamed_once(symbols: list[str]) -> bool:
+        want = {f"{s.replace('/', '').lower()}@{k}" for s in symbols for k in ("trade", "depth@100ms")}
+        return subscriptions() == dict.fromkeys(want, 1) and sim.stats["connections"] == 2
+
+    for _ in range(2):
+        adapter.apply({"BTC/USDT": "polling", "ETH/USDT": "websocket", "SOL/USDT": "websocket"})
+        await wait_until(lambda: streamed_once(SYMBOLS[1:]), 10, "ETH and SOL on one connection per channel")
+        adapter.apply(dict.fromkeys(SYMBOLS, "websocket"))
+        await wait_until(lambda: streamed_once(SYMBOLS), 10, "all three back, once each")
+    n = len(out.events)
+    await wait_until(lambda: {e.symbol for e in out.events[n:] if isinstance(e, Trade)} == set(SYMBOLS), 5, "trades")
+    out.assert_contiguous()
+    moved = [e for e in out.events if isinstance(e, Trade) and e.backfilled and e.symbol != "BTC/USDT"]
+    assert not moved, "ETH and SOL moved connections without a gap to backfill"
+    assert sample(adapter, "feedrunner_trades_lost_total") == 0

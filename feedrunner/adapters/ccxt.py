@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
@@ -67,12 +69,32 @@ def _names(symbols: tuple[str, ...] | list[str]) -> str:
 
 
 def _ignore(*_: Any) -> None:
-    """The message callback of a dropped websocket client."""
+    """ccxt's cache cleaning, and the message callback of a dropped websocket client."""
 
 
-def _chunks(items: list[str], n: int = CHUNK) -> Iterable[list[str]]:
-    for i in range(0, len(items), n):
-        yield items[i : i + n]
+class Chunks:
+    """Streaming symbols cut into multi-symbol watch calls that stay put: a symbol that leaves or joins
+    changes its own chunk only. ccxt subscribes every distinct symbol set anew (ccxt.pro binance on a
+    connection of its own), so re-cutting a sorted list would resubscribe every chunk after the change."""
+
+    def __init__(self, size: int = CHUNK) -> None:
+        self.size = size
+        self._of: dict[str, int] = {}
+
+    def assign(self, symbols: Iterable[str]) -> dict[int, tuple[str, ...]]:
+        """Chunk number -> its symbols, sorted."""
+        wanted = set(symbols)
+        for symbol in [s for s in self._of if s not in wanted]:
+            del self._of[symbol]
+        sizes = Counter(self._of.values())
+        for symbol in sorted(wanted - self._of.keys()):
+            i = next(i for i in itertools.count() if sizes[i] < self.size)
+            self._of[symbol] = i
+            sizes[i] += 1
+        members: dict[int, list[str]] = {}
+        for symbol, i in self._of.items():
+            members.setdefault(i, []).append(symbol)
+        return {i: tuple(sorted(members[i])) for i in sorted(members)}
 
 
 class CcxtAdapter(Adapter):
@@ -82,7 +104,9 @@ class CcxtAdapter(Adapter):
         self.continuity = TradeContinuity(contiguous=venue.exchange in CONTIGUOUS_TRADE_IDS)
         self._retry_at = 0.0  # monotonic time before which no loop may reconnect
         self._ws_sets: dict[str, tuple[str, ...]] = {}  # loop name -> symbols it serves
+        self._chunks = Chunks()
         self._loops: dict[str, asyncio.Task[Any]] = {}
+        self._reading: set[str] = set()  # websocket loops whose watch has returned data since they started
         self._up_since: float | None = None  # when the websocket last started delivering
         self._probe_window = min(venue.stale_after.values(), default=5.0)
         self._markets_checked: set[str] = set()  # symbols looked up again after load_markets missed them
@@ -112,6 +136,12 @@ class CcxtAdapter(Adapter):
                 client.options["fetchMargins"] = False  # with a key set, ccxt would ask sapi for margin pairs
         if v.exchange.startswith("binance"):
             client.options["fetchTradesMethod"] = "publicGetTrades"  # trade ids, as the @trade stream has
+        if isinstance(client.options.get("streamLimits"), dict):
+            # ccxt.pro binance opens a connection per subscribed symbol set, round-robin over 50 that then
+            # wrap around. Never wrap: a set that replaces another must get a connection of its own, so
+            # that the one it replaces can be unsubscribed without silencing it (see _unwatch).
+            client.options["streamLimits"] = dict.fromkeys(client.options["streamLimits"], 2**31)
+        client.clean_cache = _ignore  # _prune owns ccxt's caches: ccxt's unsubscribe would drop live ones
         return client
 
     async def close(self) -> None:
@@ -199,12 +229,12 @@ class CcxtAdapter(Adapter):
             if symbol in self._markets_checked:
                 self.quarantine(symbol, f"not a market of {self.venue.exchange}")
             by_transport = {k: [s for s in v if s != symbol] for k, v in by_transport.items()}
-        streaming = sorted(by_transport["websocket"] + by_transport["hybrid"])
+        chunks = self._chunks.assign(by_transport["websocket"] + by_transport["hybrid"])
         polling = sorted(by_transport["polling"] + by_transport["hybrid"])
         wanted_loops: dict[str, tuple[str, ...]] = {}
         for channel in self.venue.channels:
-            for i, chunk in enumerate(_chunks(streaming)):
-                wanted_loops[f"ws:{channel}:{i}"] = tuple(chunk)
+            for i, chunk in chunks.items():
+                wanted_loops[f"ws:{channel}:{i}"] = chunk
             for symbol in polling:
                 if channel == "trades" or symbol not in by_transport["hybrid"]:
                     wanted_loops[f"poll:{channel}:{symbol}"] = (symbol,)
@@ -234,7 +264,7 @@ class CcxtAdapter(Adapter):
         for s in symbols:
             if transport == "websocket":
                 self.watchdog.arm((s, channel), self.venue.stale_after[channel])
-        coro = self._ws_loop(channel, list(symbols)) if kind == "ws" else self._poll_loop(channel, symbols[0])
+        coro = self._ws_loop(name, channel, list(symbols)) if kind == "ws" else self._poll_loop(channel, symbols[0])
         self._loops[name] = self.spawn(coro, f"{self.name}-{name}")
         self._ws_sets[name] = symbols
         logger.info("venue {} subscribe {} {} {}", self.name, transport, channel, _names(symbols))
@@ -242,6 +272,7 @@ class CcxtAdapter(Adapter):
     def _stop_loop(self, name: str) -> None:
         task = self._loops.pop(name)
         symbols = self._ws_sets.pop(name)
+        self._reading.discard(name)
         task.cancel()
         kind, channel, _ = name.split(":", 2)
         if kind == "ws":
@@ -259,33 +290,59 @@ class CcxtAdapter(Adapter):
     # -- websocket ---------------------------------------------------------------------------------
 
     async def _unwatch(self, channel: str, symbols: tuple[str, ...]) -> None:
-        """Stopping a loop leaves ccxt subscribed: the venue keeps sending, ccxt keeps parsing, and its
-        trade caches fill up to trades_buffer per symbol with nobody reading them (a breaker falling back
-        to polling on 1,000 symbols held hundreds of MB that way). Once the reconcile pass that stopped the
-        loop has started its replacements:
-        - when none of the loop's symbols streams any more, unsubscribe them. ccxt.pro picks the
-          connection by the symbol set and then drops those symbols' caches, so this is only safe when no
-          other loop reads them; a reshuffled chunk keeps its old subscription, and `_prune` drops what
-          piles up for the symbols that left;
-        - with no loop left at all, close the sockets.
+        """Stopping a loop leaves ccxt subscribed: the venue keeps sending and ccxt keeps parsing and
+        caching for nobody (a breaker falling back to polling on 1,000 symbols held hundreds of MB that
+        way), and the symbols its replacement streams arrive twice. Once the reconcile pass that stopped
+        the loop has started its replacements, the stopped set is unsubscribed where that cannot silence a
+        live stream:
+        - none of its symbols streams any more; or
+        - the exchange gives each symbol set a connection of its own (ccxt.pro binance, kept from wrapping
+          around by `_client`), and the replacements have delivered, so the symbols move over without a
+          gap. The connection it leaves idle is closed.
+        Where all sets share one connection, unsubscribing would silence the replacement: the old set's
+        streams are the replacement's there, and `_prune` forgets what the venue sends for symbols that left.
+        With no loop left at all, the sockets close.
         """
         await asyncio.sleep(0)
         ex = self.exchange
         if self.stopping.is_set() or ex is None:
             return
-        if not set(symbols) & self._streamed(channel):
-            method, params = UNWATCH[channel]
-            if getattr(ex, "clients", None) and hasattr(ex, method):
-                try:
-                    await asyncio.wait_for(getattr(ex, method)(list(symbols), dict(params)), timeout=5)
-                except Exception as exc:  # the socket may be gone already: then there is nothing to undo
-                    logger.debug("venue {} unsubscribe {} {}: {}", self.name, channel, _names(symbols), _short(exc))
+        live = self._live_sets(channel)
+        replacements = [name for name, syms in live.items() if set(syms) & set(symbols)]
+        per_set = "streamBySubscriptionsHash" in ex.options
+        method, params = UNWATCH[channel]
+        if (
+            symbols not in live.values()
+            and (per_set or not replacements)
+            and getattr(ex, "clients", None)
+            and hasattr(ex, method)
+        ):
+            await self._until_reading(replacements, self.venue.stale_after[channel])
+            if self.stopping.is_set() or symbols in self._live_sets(channel).values():
+                return  # stopped meanwhile, or the very same set is streamed again: its subscription is live
+            try:
+                await asyncio.wait_for(getattr(ex, method)(list(symbols), dict(params)), timeout=5)
+            except Exception as exc:  # the socket may be gone already: then there is nothing to undo
+                logger.debug("venue {} unsubscribe {} {}: {}", self.name, channel, _names(symbols), _short(exc))
+            if per_set:
+                await self._drop_ws_clients("its symbol set was unsubscribed", idle_only=True)
         self._prune()
         if not self._streaming():
             await self._drop_ws_clients("no symbol streams over the websocket any more")
 
+    async def _until_reading(self, loops: list[str], timeout: float) -> None:
+        """Wait, at most `timeout`, until the loops still running have each had a watch call return data."""
+        deadline = time.monotonic() + timeout
+        while not self.stopping.is_set() and time.monotonic() < deadline:
+            if all(name in self._reading or name not in self._loops for name in loops):
+                return
+            await asyncio.sleep(0.05)
+
+    def _live_sets(self, channel: str) -> dict[str, tuple[str, ...]]:
+        return {name: syms for name, syms in self._ws_sets.items() if name.startswith(f"ws:{channel}:")}
+
     def _streamed(self, channel: str) -> set[str]:
-        return {s for name, syms in self._ws_sets.items() if name.startswith(f"ws:{channel}:") for s in syms}
+        return {s for syms in self._live_sets(channel).values() for s in syms}
 
     def _prune(self) -> None:
         """Forget ccxt's cached data of symbols no loop streams (a subscription left behind still fills it)."""
@@ -296,9 +353,10 @@ class CcxtAdapter(Adapter):
                 for symbol in [s for s in cache if s not in streamed]:
                     cache.pop(symbol, None)
 
-    async def _ws_loop(self, channel: str, symbols: list[str]) -> None:
+    async def _ws_loop(self, name: str, channel: str, symbols: list[str]) -> None:
         ex = self.exchange
         depth = self.venue.book_depth
+        reading = False
         while not self.stopping.is_set():
             if await self._wait_retry():
                 return
@@ -313,6 +371,9 @@ class CcxtAdapter(Adapter):
                         await ex.watch_order_book_for_symbols(symbols, depth)
                     await self._sweep(channel, symbols)
                 self._ws_ok()
+                if not reading:
+                    reading = True
+                    self._reading.add(name)
             except asyncio.CancelledError as exc:
                 task = asyncio.current_task()
                 if self.stopping.is_set() or (task is not None and task.cancelling()):
@@ -438,15 +499,18 @@ class CcxtAdapter(Adapter):
             await self._drop_ws_clients(f"{len(stale)} subscription(s) silent past stale_after")
             self.changed.set()
 
-    async def _drop_ws_clients(self, why: str) -> None:
+    async def _drop_ws_clients(self, why: str, idle_only: bool = False) -> None:
         """Fail the pending watch calls with a NetworkError (ccxt's own close() would cancel them) and
-        forget the clients, so the next watch call opens a fresh connection and resubscribes.
+        forget the clients, so the next watch call opens a fresh connection and resubscribes. With
+        `idle_only`, only the clients left with no subscription and no pending call.
 
         A dropped client is detached first: frames it reads while closing (ccxt handles the last one
         after close() returns) must not refill the caches, and its late close must not evict the new
         client ccxt keys under the same url (ccxt skips that when the client has an error)."""
         clients = getattr(self.exchange, "clients", {})
         for url, client in list(clients.items()):
+            if idle_only and (client.subscriptions or client.futures):
+                continue
             clients.pop(url, None)
             error = ccxt.NetworkError(f"{self.name}: {why}")
             client.error = error
