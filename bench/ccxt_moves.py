@@ -89,6 +89,3 @@ async def amain() -> dict[str, Any]:
 def main() -> dict[str, Any]:
     return asyncio.run(amain())
 
-
-if __name__ == "__main__":
-    main()
