@@ -88,4 +88,3 @@ async def amain() -> dict[str, Any]:
 
 def main() -> dict[str, Any]:
     return asyncio.run(amain())
-
