@@ -72,6 +72,12 @@ def _ignore(*_: Any) -> None:
     """ccxt's cache cleaning, and the message callback of a dropped websocket client."""
 
 
+def _connection_per_set(exchange: Any) -> bool:
+    """ccxt.pro binance (and its family) open a connection per subscribed symbol set, round-robin over
+    `options.streamLimits` connections."""
+    return isinstance(exchange.options.get("streamLimits"), dict)
+
+
 class Chunks:
     """Streaming symbols cut into multi-symbol watch calls that stay put: a symbol that leaves or joins
     changes its own chunk only. ccxt subscribes every distinct symbol set anew (ccxt.pro binance on a
@@ -136,10 +142,10 @@ class CcxtAdapter(Adapter):
                 client.options["fetchMargins"] = False  # with a key set, ccxt would ask sapi for margin pairs
         if v.exchange.startswith("binance"):
             client.options["fetchTradesMethod"] = "publicGetTrades"  # trade ids, as the @trade stream has
-        if isinstance(client.options.get("streamLimits"), dict):
-            # ccxt.pro binance opens a connection per subscribed symbol set, round-robin over 50 that then
-            # wrap around. Never wrap: a set that replaces another must get a connection of its own, so
-            # that the one it replaces can be unsubscribed without silencing it (see _unwatch).
+        if _connection_per_set(client):
+            # The round-robin wraps around after 50 sets by default. Never wrap: a set that replaces another
+            # must get a connection of its own, so that the one it replaces can be unsubscribed without
+            # silencing it (see _unwatch).
             client.options["streamLimits"] = dict.fromkeys(client.options["streamLimits"], 2**31)
         client.clean_cache = _ignore  # _prune owns ccxt's caches: ccxt's unsubscribe would drop live ones
         return client
@@ -309,7 +315,7 @@ class CcxtAdapter(Adapter):
             return
         live = self._live_sets(channel)
         replacements = [name for name, syms in live.items() if set(syms) & set(symbols)]
-        per_set = "streamBySubscriptionsHash" in ex.options
+        per_set = _connection_per_set(ex)
         method, params = UNWATCH[channel]
         if (
             symbols not in live.values()
