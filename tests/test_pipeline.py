@@ -17,7 +17,8 @@ from prometheus_client import CollectorRegistry, Histogram
 
 from feedrunner.events import Book, Event, Ticker, Trade, to_dict
 from feedrunner.metrics import Metrics, observe_many
-from feedrunner.runner import Pipeline, log_loop_exception
+from feedrunner.pipeline import Pipeline
+from feedrunner.runner import log_loop_exception
 from feedrunner.sinks.base import Sink, encode_lines
 from feedrunner.sinks.jsonl import JsonlSink
 from feedrunner.spec import Sink as SinkSpec
