@@ -1,19 +1,46 @@
 # A fresh machine needs exactly `make run` and `make test`: both install first when needed.
-PYTHON ?= python3
-VENV   := .venv
-BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-stamp
-FEEDS  ?= feeds.yaml
+# What gets installed is requirements.lock, exactly (versions and hashes, every runtime and dev package);
+# pyproject.toml keeps the ranges a library user gets. `make lock` updates the lock after pyproject
+# changes (keeping every pin that still fits), `make lock-upgrade` moves every pin to the newest release,
+# and `make lock-check` (part of `make lint`, so of CI) fails when the two disagree.
+PYTHON     ?= python3
+UV_VERSION := 0.13.9
+VENV       := .venv
+BIN        := $(VENV)/bin
+TOOLS      := .tools
+UV         := $(TOOLS)/bin/uv
+STAMP      := $(VENV)/.installed-stamp
+FEEDS      ?= feeds.yaml
+LOCK_ARGS  := pyproject.toml --extra dev --universal --generate-hashes --python-version 3.11 \
+              --custom-compile-command "make lock" --quiet
+export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: install run test validate lint bench clean
+.PHONY: install lock lock-upgrade lock-check run test validate lint bench clean
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+$(STAMP): pyproject.toml requirements.lock | $(UV)
+	$(UV) venv --quiet --allow-existing --python $(PYTHON) $(VENV)
+	$(UV) pip sync --quiet --python $(BIN)/python --require-hashes requirements.lock
+	$(UV) pip install --quiet --python $(BIN)/python --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 install: $(STAMP)
+
+lock: | $(UV)
+	$(UV) pip compile $(LOCK_ARGS) -o requirements.lock
+
+lock-upgrade: | $(UV)
+	$(UV) pip compile $(LOCK_ARGS) --upgrade -o requirements.lock
+
+lock-check: | $(UV)
+	@tmp=$$(mktemp -d); cp requirements.lock $$tmp/; \
+	$(UV) pip compile $(LOCK_ARGS) -o $$tmp/requirements.lock && \
+	diff -u requirements.lock $$tmp/requirements.lock > $$tmp/diff && echo "requirements.lock agrees with pyproject.toml" || \
+	{ cat $$tmp/diff; echo "requirements.lock disagrees with pyproject.toml: run make lock"; rm -rf $$tmp; exit 1; }; \
+	rm -rf $$tmp
 
 run: install
 	$(BIN)/feedrunner run $(FEEDS)
@@ -24,7 +51,7 @@ test: install
 validate: install
 	$(BIN)/feedrunner validate $(FEEDS)
 
-lint: install
+lint: install lock-check
 	$(BIN)/ruff check feedrunner tests bench
 	$(BIN)/ruff format --check feedrunner tests bench
 
@@ -32,4 +59,4 @@ bench: install
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .ruff_cache
