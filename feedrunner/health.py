@@ -3,7 +3,11 @@
 Events land in one-second buckets per (venue, transport): a count, a latency sum and a coarse latency
 histogram (for percentiles), plus per-venue error and reconnect counts and an up/down sample each
 second. A window query merges the buckets it spans. A metric with no samples is None: callers must treat
-it as inconclusive, never as a pass.
+it as inconclusive, never as a pass. So is a windowed metric over less data than its window asks (a
+1 h gate 15 s after start has seen 15 s): its reading carries how many seconds it covers.
+
+Memory growth is RSS now minus RSS at the start of the window, sampled once a second from a baseline
+taken once the venues are up (`mark_up`): what ccxt allocates loading markets is startup, not growth.
 """
 
 from __future__ import annotations
@@ -125,10 +129,16 @@ class Series:
 
 @dataclass(slots=True)
 class Reading:
-    """A metric over a window: None when there is no data (inconclusive), with its sample count."""
+    """A metric over a window: None when there is no data (inconclusive), with its sample count and the
+    seconds of data it covers (short of the window: inconclusive too)."""
 
     value: float | None
     samples: int
+    covered: float = math.inf
+
+
+INSTANT_METRICS = frozenset({"staleness", "memory_rss"})  # read now; their window is not a span of data
+SLACK = 2.0  # seconds of coverage a window may miss: sampling is once a second, the health job periodic
 
 
 class Health:
@@ -139,8 +149,10 @@ class Health:
         self.venue: dict[str, deque[VenueBucket]] = {}
         self.last_seen: dict[tuple[str, str, str], float] = {}  # (venue, symbol, transport) -> time
         self.started = clock()
+        self.since: float | None = None  # when the venues came up: windows count from here
         self.process = psutil.Process()
-        self.rss_start = self.process.memory_info().rss
+        self.rss_start = 0  # the baseline, set by mark_up
+        self.rss_samples: deque[tuple[float, int]] = deque()  # (time, rss), once a second from mark_up
         self.sink_latency = Series(self.keep)
         self.per_symbol: dict[tuple[str, str], list[float]] = {}  # (venue, symbol) -> [events, latency EMA]
 
@@ -270,9 +282,42 @@ class Health:
         start = self.clock() - window
         return [k for k in keys if self.last_seen.get((*k, transport), -1.0) < start]
 
+    def mark_up(self) -> None:
+        """The venues are up: windows and the memory baseline start now (once; later calls do nothing)."""
+        if self.since is None:
+            self.since = self.clock()
+            self.rss_start = self.process.memory_info().rss
+            self.rss_samples.append((self.since, self.rss_start))
+
+    def sample_memory(self) -> None:
+        """Once a second from the runner's sampler; nothing before mark_up."""
+        if self.since is None:
+            return
+        now = self.clock()
+        self.rss_samples.append((now, self.process.memory_info().rss))
+        while len(self.rss_samples) > 1 and self.rss_samples[1][0] <= now - self.keep:
+            self.rss_samples.popleft()
+
     def memory(self) -> tuple[float, float]:
+        """RSS now and its growth since the baseline (0 before the venues are up)."""
         rss = self.process.memory_info().rss
-        return float(rss), float(rss - self.rss_start)
+        return float(rss), float(rss - self.rss_start) if self.since is not None else 0.0
+
+    def memory_growth(self, window: float) -> Reading:
+        """RSS now minus RSS at the window's start; covers only the time since the baseline."""
+        if self.since is None or not self.rss_samples:
+            return Reading(None, 0, 0.0)
+        now = self.clock()
+        start = now - window
+        before = [s for s in self.rss_samples if s[0] <= start]
+        at, rss_then = before[-1] if before else self.rss_samples[0]
+        rss_now = self.process.memory_info().rss
+        n = sum(1 for t, _ in self.rss_samples if t >= at)
+        return Reading(float(rss_now - rss_then), n, now - at)
+
+    def coverage(self) -> float:
+        """Seconds of data the windows hold: since the venues came up (0 before)."""
+        return 0.0 if self.since is None else self.clock() - self.since
 
     def cpu_percent(self) -> float:
         return self.process.cpu_percent(interval=None)
@@ -283,6 +328,21 @@ class Health:
         """One condition's metric over its window, the worst across the given venues."""
         venues = list(venues)
         w, m = cond.window, cond.metric
+        if m == "memory_rss":
+            return Reading(self.memory()[0], 1)
+        if m == "memory_growth":
+            reading = self.memory_growth(w)
+        else:
+            reading = self._evaluate(m, w, venues, keys, transport)
+            if m not in INSTANT_METRICS:
+                reading.covered = self.coverage()
+        if reading.covered + SLACK < w:
+            reading.value = None
+        return reading
+
+    def _evaluate(
+        self, m: str, w: float, venues: list[str], keys: Iterable[tuple[str, str]], transport: str | None
+    ) -> Reading:
         if m.startswith("latency_"):
             q = {"latency_p50": 0.5, "latency_p95": 0.95, "latency_p99": 0.99}.get(m)
             return self.latency(venues, w, q, transport)
@@ -294,7 +354,4 @@ class Health:
             return self.worst(venues, lambda v: self.uptime(v, w), higher_is_worse=False)
         if m == "staleness":
             return self.staleness(keys, transport)
-        if m == "message_rate":
-            return self.rate(venues, w, transport)
-        rss, growth = self.memory()
-        return Reading(rss if m == "memory_rss" else growth, 1)
+        return self.rate(venues, w, transport)  # message_rate: the metrics are an enum in the schema

@@ -26,7 +26,7 @@ from typing import Any
 import sqlalchemy as sa
 from loguru import logger
 
-from feedrunner.health import Health, Reading
+from feedrunner.health import SLACK, Health, Reading
 from feedrunner.spec import Condition, Rollout, Spec
 from feedrunner.units import fmt_duration
 
@@ -339,12 +339,12 @@ class Controller:
 
     def _judge(self, cond: Condition, reading: Reading) -> Verdict:
         if reading.value is None or reading.samples < cond.min_samples:
+            if reading.covered + SLACK < cond.window:
+                why = f"{fmt_duration(round(reading.covered))} of data in a {fmt_duration(cond.window)} window"
+            else:
+                why = f"{reading.samples} samples in {fmt_duration(cond.window)}"
             return Verdict(
-                cond.name,
-                "inconclusive",
-                reading.value,
-                reading.samples,
-                f"{cond.name}: inconclusive ({reading.samples} samples in {fmt_duration(cond.window)})",
+                cond.name, "inconclusive", reading.value, reading.samples, f"{cond.name}: inconclusive ({why})"
             )
         ok = cond.holds(reading.value)
         return Verdict(
