@@ -2,13 +2,28 @@
 
 Specs are compared in their JSON form (`spec_to_dict`), which is also what the control server's
 /config returns, so `plan` diffs a file against the running runner without either side guessing.
-Secrets are replaced by a fingerprint: a rotated key shows as a change, never as a value.
+
+Secrets never appear in that form. A Secret (credentials, tokens, webhooks, and every value that came
+from `${VAR}`, URLs included) becomes a fingerprint, HMAC-SHA256 under a key drawn at random when the
+process starts and never shown: a rotated key shows as a change, and /config output alone cannot be
+guessed offline (an unkeyed hash of a weak password can). The password of any URL written literally is
+shown as `user:***@host`, as are password-like query parameters.
+
+`plan` runs in another process, so it cannot compute the runner's fingerprints itself: it sends the
+file's secret values to the runner's `POST /config/fingerprints`, which answers them under the runner's
+key, and diffs with those. That endpoint asks what every state-changing call asks (the bearer token
+when one is set, a Host naming the server, no foreign Origin, `X-Feedrunner: 1`) and answers at most
+FINGERPRINT_BUDGET values a minute, so guessing through it is online and slow.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,23 +70,59 @@ RESTART_FIELDS = (
     "sinks",
     "sim_seed",
     "sim_rate",
+    "shutdown_deadline",
 )
 
 
-def _plain(value: Any) -> Any:
+FINGERPRINT_BUDGET = 256  # secret values /config/fingerprints answers per minute
+_KEY = secrets.token_bytes(32)  # per process; never leaves it
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@]*):[^@]*@")  # SQLAlchemy's reading: a password may hold '/'
+_QUERY_SECRET = re.compile(r"([?&;](?:password|passwd|pwd|pass|secret|token|api_?key|access_token|auth)=)[^&;#]*", re.I)
+
+
+def fingerprint(value: str) -> str:
+    """This process's keyed fingerprint of a secret: equal values match, nothing about the value shows."""
+    digest = hmac.new(_KEY, value.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
+    return "secret:" + digest[:16]
+
+
+def mask_url(text: str) -> str:
+    """`scheme://user:password@host...` -> `scheme://user:***@host...`; password-like query values too."""
+    if "://" not in text:
+        return text
+    return _QUERY_SECRET.sub(r"\1***", _USERINFO.sub(r"\1:***@", text, count=1))
+
+
+def secrets_in(value: Any) -> set[str]:
+    """Every Secret value in a spec (what `plan` asks the runner to fingerprint)."""
     if isinstance(value, Secret):
-        return "secret:" + hashlib.sha256(value.reveal().encode()).hexdigest()[:12]
+        return {value.reveal()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return set().union(*(secrets_in(getattr(value, f.name)) for f in dataclasses.fields(value)))
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return set().union(*(secrets_in(k) | secrets_in(v) for k, v in value.items()))
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return set().union(*(secrets_in(v) for v in value))
+    return set()
+
+
+def _plain(value: Any, fp: Callable[[str], str]) -> Any:
+    if isinstance(value, Secret):
+        return fp(value.reveal())
+    if isinstance(value, str):
+        return mask_url(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name), fp) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {_plain(k, fp) if isinstance(k, str) else str(k): _plain(v, fp) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v, fp) for v in value]
     return value
 
 
-def spec_to_dict(spec: Spec) -> dict[str, Any]:
-    out = _plain(spec)
+def spec_to_dict(spec: Spec, fp: Callable[[str], str] = fingerprint) -> dict[str, Any]:
+    """The spec as JSON data, secrets as `fp` fingerprints (the running runner's, for `plan`)."""
+    out = _plain(spec, fp)
     out["venues"] = {v["name"]: v for v in out["venues"]}
     return out
 
