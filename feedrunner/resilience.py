@@ -173,6 +173,45 @@ class Watchdog:
         return list(self._last)
 
 
+class Seq(StrEnum):
+    """What a trade id says about the trade, given the last id delivered for its symbol."""
+
+    NEXT = "next"  # above the last: new (any ids skipped in between are a gap)
+    DUPLICATE = "duplicate"  # already delivered: drop it
+    RESET = "reset"  # the venue renumbered (a restart): deliver it and count from it
+
+
+# Ids a trade may fall behind the last delivered one and still be taken for a repeat of it, when neither a
+# reconnect nor the venue's timestamps say otherwise. Repeats come from overlapping sources (hybrid polling
+# behind the stream, a first push replaying cached prints): at most a page of trades back.
+SEQUENCE_RESET_AFTER = 1000
+
+
+def sequence_step(
+    last: int,
+    new: int,
+    *,
+    armed: bool,
+    last_ts: int | None = None,
+    ts: int | None = None,
+    reset_after: int = SEQUENCE_RESET_AFTER,
+) -> Seq:
+    """Classify trade id `new` against `last`, the last delivered id of its symbol.
+
+    A repeat carries the venue time it had when first delivered, so a trade no newer than the last one is a
+    duplicate whatever its id. Otherwise an id that went back is a renumbering venue when it went back far
+    (more than `reset_after`), or when it is the first trade since a reconnect (`armed`): a restarted venue
+    or gateway numbers from wherever it likes, and dropping its trades as repeats would lose all of them.
+    """
+    if new > last:
+        return Seq.NEXT
+    if new == last or (ts and last_ts and ts <= last_ts):
+        return Seq.DUPLICATE
+    if armed or last - new > reset_after:
+        return Seq.RESET
+    return Seq.DUPLICATE
+
+
 class StateMachine:
     """A connection's state with every transition logged; listeners feed metrics and health."""
 

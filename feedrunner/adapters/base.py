@@ -11,7 +11,7 @@ import asyncio
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from loguru import logger
@@ -26,8 +26,10 @@ from feedrunner.resilience import (
     Classified,
     ConnState,
     ErrorKind,
+    Seq,
     StateMachine,
     Watchdog,
+    sequence_step,
 )
 from feedrunner.spec import Venue
 
@@ -55,6 +57,11 @@ class Adapter(ABC):
         self._metric_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._last_error = ""
         self.retries: deque[tuple[float, float, str]] = deque(maxlen=100)  # (monotonic, delay, why): status, tests
+        self.continuity: TradeContinuity | None = None  # set by adapters whose trades carry ids
+        self._handed: dict[str, str] = {}  # symbol -> id of the last trade handed to the pipeline
+        self._duplicates = metrics.trades_duplicate.labels(venue.name)
+        metrics.sequence_resets.labels(venue.name)
+        metrics.close_timeouts.labels(venue.name)
         for state in ConnState:
             metrics.connection_state.labels(venue.name, state.value).set(0)
         metrics.connection_state.labels(venue.name, ConnState.DISCONNECTED.value).set(1)
@@ -71,23 +78,45 @@ class Adapter(ABC):
         self.spawn(self.run(), f"{self.name}-main")
 
     async def stop(self) -> None:
+        """Cancel the tasks, then close the client, all within `close_timeout`: a venue that never lets go
+        (a close frame never answered while it keeps sending) cannot hold up a shutdown or a reload. The
+        tasks get half of it, the close the rest; what the deadline cuts short is logged and counted."""
         self.stopping.set()
         self.changed.set()
+        loop = asyncio.get_running_loop()
+        budget = self.venue.close_timeout
+        deadline = loop.time() + budget
         for _ in range(5):  # a task may spawn another while being cancelled: repeat until none is left
             tasks = list(self._tasks)
             if not tasks:
                 break
             for task in tasks:
                 task.cancel()
-            _, pending = await asyncio.wait(tasks, timeout=5)  # bounded: one stuck task cannot hang a stop
+            _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - budget / 2 - loop.time()))
             for task in pending:
-                logger.error("venue {} task {} did not stop within 5s", self.name, task.get_name())
+                logger.error("venue {} task {} did not stop within {:g}s", self.name, task.get_name(), budget / 2)
             self._tasks.difference_update(tasks)
-        await self.close()
+            if pending:
+                break
+        cut = asyncio.timeout_at(deadline)
+        try:
+            async with cut:
+                await self.close()
+        except Exception as exc:  # a stop always completes
+            if not cut.expired():
+                logger.opt(exception=exc).error("venue {} close failed", self.name)
+            else:
+                self.metrics.close_timeouts.labels(self.name).inc()
+                logger.warning(
+                    "venue {} close cut short: the venue did not let go within close_timeout {:g}s; its "
+                    "connections were dropped without the close handshake",
+                    self.name,
+                    budget,
+                )
         self.conn.move(ConnState.DISCONNECTED, "stopped")
 
     async def close(self) -> None:  # noqa: B027 - optional hook
-        """Release the client library's resources."""
+        """Release the client library's resources. Bounded by `stop`: when cancelled, drop what is left."""
 
     def apply(self, wanted: Mapping[str, str]) -> None:
         """Desired transport per symbol; idempotent. Symbols absent are unsubscribed."""
@@ -177,14 +206,62 @@ class Adapter(ABC):
         for i, e in enumerate(events):
             if (e.transport, e.kind) != key:  # mixed batch (rare): split it
                 self._account(events[:i], key, latencies)
-                await self.emit(events[:i])
+                await self._hand(events[:i], key[1])
                 await self.deliver_many(events[i:])
                 return
             if e.ts_exchange:
                 lat = (e.ts_received - e.ts_exchange) / 1e9
                 latencies.append(lat if lat > 0.0 else 0.0)
         self._account(events, key, latencies)
+        await self._hand(events, key[1])
+
+    async def _hand(self, events: list[Event], kind: str) -> None:
+        """Emit, then note each symbol's last trade id: once `emit` returns, the pipeline has them."""
+        if kind != "trade" or self.continuity is None or not self.continuity.contiguous:
+            await self.emit(events)
+            return
+        ids = {e.symbol: e.id for e in events if e.id is not None}  # type: ignore[attr-defined]
         await self.emit(events)
+        self._handed.update(ids)
+
+    # -- checkpoints: where each symbol's tape stands, across restarts ----------------------------------
+
+    def trade_checkpoints(self) -> dict[str, int]:
+        """Symbol -> id of the last trade handed to the pipeline (seeded ones until a trade follows). Only
+        venues with contiguous ids have any: only there does an id say what came before it."""
+        return {s: int(i) for s, i in self._handed.items() if i.isdigit()}
+
+    def seed_checkpoints(self, ids: Mapping[str, int]) -> None:
+        """Before `start`: resume each symbol's tape from a stored id. Its first trade then goes through the
+        gap rule against it (backfilled where the venue allows, else counted lost), and an id below it
+        through the reset rule (the venue renumbered meanwhile)."""
+        if not ids:
+            return
+        if self.continuity is None or not self.continuity.contiguous:
+            logger.info(
+                "venue {}: trade ids do not say what came before them; {} checkpoint(s) unused", self.name, len(ids)
+            )
+            return
+        self.continuity.seed(ids)
+        self._handed.update({s: str(n) for s, n in ids.items()})
+        logger.info("venue {}: resuming {} symbol(s) from their last delivered trade ids", self.name, len(ids))
+
+    def sequence_reset(self, symbol: str, last: int, new: int) -> None:
+        """A trade id went back past what a repeat could explain: the venue renumbered its tape."""
+        self.metrics.sequence_resets.labels(self.name).inc()
+        logger.warning(
+            "venue {} {}: trade id went back from {} to {} (the venue renumbered, e.g. after a restart): "
+            "delivering from {} on; trades it numbered before {} are not backfilled",
+            self.name,
+            symbol,
+            last,
+            new,
+            new,
+            new,
+        )
+
+    def duplicate_dropped(self, symbol: str) -> None:
+        self._duplicates.inc()
 
     def _account(self, events: list[Event], key: tuple[str, str], latencies: list[float]) -> None:
         counter, histogram = self._children(*key)
@@ -208,6 +285,12 @@ class Adapter(ABC):
         self._last_error = f"{c.kind}: {short(exc)}"
         if c.kind not in (ErrorKind.NETWORK,):
             logger.warning("venue {}{} error ({}): {}", self.name, f" {symbol}" if symbol else "", c.kind, short(exc))
+
+    def backfill_failed(self, symbol: str, reason: str, exc: BaseException) -> None:
+        """One backfill request failed or timed out: always a line naming the symbol, and a count by reason
+        (timeout, network, rate_limit, bad_symbol, auth, unknown), whatever the adapter does next."""
+        self.metrics.backfill_failures.labels(self.name, reason).inc()
+        logger.warning("venue {} {}: backfill request failed ({}): {}", self.name, symbol, reason, short(exc))
 
     def backfill_done(self, symbol: str, recovered: int, lost: int, span: str) -> None:
         """A backfill's outcome, one rule for every venue: recovered trades counted, the rest counted as
@@ -273,39 +356,73 @@ class Adapter(ABC):
 class TradeContinuity:
     """Per-symbol trade ids: drops duplicates and finds gaps, so missed trades are backfilled or counted.
 
-    With contiguous ids (Binance: every trade of a symbol gets the next id) a gap is exact. Otherwise
-    only duplicates are caught, through a bounded set of recent ids.
+    With contiguous ids (Binance: every trade of a symbol gets the next id) a gap is exact, and an id that
+    goes back is a repeat or a renumbered tape (`resilience.sequence_step`): a reconnect arms the symbols,
+    so that the first trade after it may reset their count. Otherwise only duplicates are caught, through
+    a bounded set of recent ids. `on_reset` and `on_duplicate` report what `check` decided.
     """
 
-    def __init__(self, contiguous: bool, recent: int = 4096) -> None:
+    def __init__(
+        self,
+        contiguous: bool,
+        recent: int = 4096,
+        on_reset: Callable[[str, int, int], None] | None = None,
+        on_duplicate: Callable[[str], None] | None = None,
+    ) -> None:
         self.contiguous = contiguous
         self.last: dict[str, int] = {}
         self.last_ts: dict[str, int] = {}
+        self.armed: set[str] = set()  # symbols whose next trade is their first since a reconnect
         self._recent: dict[str, OrderedDict[str, None]] = {}
         self._recent_cap = recent
+        self._on_reset = on_reset or (lambda symbol, last, new: None)
+        self._on_duplicate = on_duplicate or (lambda symbol: None)
+
+    def arm(self, symbols: Iterable[str]) -> None:
+        """The connection carrying these symbols was lost (or the process restarted): whatever numbering
+        the venue comes back with, its first trade is believed."""
+        self.armed.update(s for s in symbols if s in self.last)
+
+    def seed(self, ids: Mapping[str, int]) -> None:
+        """Resume from stored ids, as after a reconnect: the next trade is measured against them."""
+        for symbol, n in ids.items():
+            self.last[symbol] = n
+            self.last_ts.pop(symbol, None)
+        self.arm(ids)
 
     def check(self, trade: Trade) -> tuple[bool, int]:
-        """(is new, number of trades missing before it)."""
+        """(is new, number of trades missing before it). A reset is new with nothing missing."""
         tid = trade.id
         if tid is None:
             return True, 0
+        symbol = trade.symbol
         if self.contiguous and tid.isdigit():
             n = int(tid)
-            last = self.last.get(trade.symbol)
+            last = self.last.get(symbol)
             if last is not None and n <= last:
-                return False, 0
-            self.last[trade.symbol] = n
+                step = sequence_step(
+                    last, n, armed=symbol in self.armed, last_ts=self.last_ts.get(symbol), ts=trade.ts_exchange
+                )
+                if step is Seq.DUPLICATE:
+                    self._on_duplicate(symbol)
+                    return False, 0
+                self._on_reset(symbol, last, n)
+                last = None
+            self.last[symbol] = n
             if trade.ts_exchange:
-                self.last_ts[trade.symbol] = trade.ts_exchange
+                self.last_ts[symbol] = trade.ts_exchange
+            if self.armed:
+                self.armed.discard(symbol)
             return True, (n - last - 1) if last is not None else 0
-        seen = self._recent.setdefault(trade.symbol, OrderedDict())
+        seen = self._recent.setdefault(symbol, OrderedDict())
         if tid in seen:
+            self._on_duplicate(symbol)
             return False, 0
         seen[tid] = None
         if len(seen) > self._recent_cap:
             seen.popitem(last=False)
         if trade.ts_exchange:
-            self.last_ts[trade.symbol] = trade.ts_exchange
+            self.last_ts[symbol] = trade.ts_exchange
         return True, 0
 
 

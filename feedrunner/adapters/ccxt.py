@@ -107,7 +107,9 @@ class CcxtAdapter(Adapter):
     def __init__(self, venue: Venue, emit: Emit, metrics: Metrics) -> None:
         super().__init__(venue, emit, metrics)
         self.exchange: Any = None
-        self.continuity = TradeContinuity(contiguous=venue.exchange in CONTIGUOUS_TRADE_IDS)
+        self.continuity = TradeContinuity(
+            venue.exchange in CONTIGUOUS_TRADE_IDS, on_reset=self.sequence_reset, on_duplicate=self.duplicate_dropped
+        )
         self._retry_at = 0.0  # monotonic time before which no loop may reconnect
         self._ws_sets: dict[str, tuple[str, ...]] = {}  # loop name -> symbols it serves
         self._chunks = Chunks()
@@ -151,9 +153,20 @@ class CcxtAdapter(Adapter):
         return client
 
     async def close(self) -> None:
-        if self.exchange is not None:
+        """ccxt's own close() waits in tasks of its own for every websocket's close handshake, which a venue
+        that keeps sending and never answers stalls for good. Ours are cancellable, so `stop`'s deadline
+        aborts them; the REST session then closes locally."""
+        ex = self.exchange
+        if ex is None:
+            return
+        clients = list(getattr(ex, "clients", {}).values())
+        if clients:
+            ex.clients.clear()
+        try:
+            await _close_clients(clients, None)
+        finally:
             with contextlib.suppress(Exception):
-                await self.exchange.close()
+                await ex.close()
 
     async def run(self) -> None:
         self.exchange = self._client()
@@ -446,6 +459,7 @@ class CcxtAdapter(Adapter):
 
     async def _ws_failed(self, exc: BaseException, symbols: list[str]) -> None:
         c = classify(exc)
+        self.continuity.arm(symbols)  # the venue may come back renumbered
         if c.kind is ErrorKind.BAD_SYMBOL:
             bad = [s for s in symbols if s in str(exc) or self.exchange.market_id(s) in str(exc)] or symbols[:1]
             for s in bad:
@@ -514,6 +528,7 @@ class CcxtAdapter(Adapter):
         after close() returns) must not refill the caches, and its late close must not evict the new
         client ccxt keys under the same url (ccxt skips that when the client has an error)."""
         clients = getattr(self.exchange, "clients", {})
+        dropped = []
         for url, client in list(clients.items()):
             if idle_only and (client.subscriptions or client.futures):
                 continue
@@ -522,8 +537,10 @@ class CcxtAdapter(Adapter):
             client.error = error
             client.on_message_callback = _ignore
             client.reject(error)
-            with contextlib.suppress(Exception):
-                await client.aiohttp_close()
+            dropped.append(client)
+        timeout = self.venue.close_timeout
+        if not await _close_clients(dropped, timeout):
+            logger.warning("venue {}: a websocket close was not answered within {:g}s: aborted", self.name, timeout)
 
     # -- polling -----------------------------------------------------------------------------------
 
@@ -548,6 +565,7 @@ class CcxtAdapter(Adapter):
             except Exception as exc:
                 c = classify(exc)
                 self.count(c, exc, symbol)
+                self.continuity.arm((symbol,))  # the venue may come back renumbered
                 if c.kind is ErrorKind.BAD_SYMBOL:
                     self.quarantine(symbol, _short(exc))
                     return
@@ -603,7 +621,10 @@ class CcxtAdapter(Adapter):
             raw = await ex.publicGetHistoricalTrades({"symbol": market["id"], "fromId": from_id, "limit": 1000})
         else:
             raw = await ex.publicGetTrades({"symbol": market["id"], "limit": 1000})
-        return [t for t in ex.parse_trades(raw, market) if int(t["id"]) >= from_id]
+        trades = ex.parse_trades(raw, market)
+        if trades and int(trades[-1]["id"]) < from_id - 1:
+            return trades  # the venue's newest is below what we had: it renumbered; `check` sorts them out
+        return [t for t in trades if int(t["id"]) >= from_id]
 
     async def _fetch_since(self, symbol: str, last_id: int) -> list[dict[str, Any]]:
         if self.continuity.contiguous:
@@ -684,8 +705,8 @@ class CcxtAdapter(Adapter):
                     break
         except Exception as exc:
             c = classify(exc)
-            self.count(c, exc, symbol)
-            logger.warning("venue {} backfill {} failed ({}): {}", self.name, symbol, c.kind, _short(exc))
+            self.metrics.errors.labels(self.name, c.kind.value).inc()
+            self.backfill_failed(symbol, "timeout" if isinstance(exc, ccxt.RequestTimeout) else c.kind.value, exc)
         self.backfill_done(symbol, recovered, missing - recovered, f"between ids {last} and {upto}")
 
     async def _on_ticker(self, t: dict[str, Any], transport: str) -> None:
@@ -725,6 +746,28 @@ class CcxtAdapter(Adapter):
         )
 
     # -- errors ------------------------------------------------------------------------------------
+
+
+async def _close_clients(clients: list[Any], timeout: float | None) -> bool:
+    """Close ccxt websocket clients together; False when `timeout` passed first. A close still waiting
+    (for a venue that never answers the close frame) is cancelled, which makes aiohttp drop its socket."""
+    tasks = [asyncio.ensure_future(c.aiohttp_close()) for c in clients]
+    if not tasks:
+        return True
+    for task in tasks:
+        task.add_done_callback(_retrieve)
+    try:
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        return not pending
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """A close's own failure changes nothing: the socket is gone either way."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _retry_after(exchange: Any) -> float | None:

@@ -128,6 +128,10 @@ class FutuError(Exception):
     """A futu-api call answered RET_ERROR (its message is all we get) or did not answer in time."""
 
 
+class FutuTimeout(FutuError, TimeoutError):
+    """A futu-api call OpenD did not answer within CALL_TIMEOUT."""
+
+
 def classify(exc: BaseException | str) -> Classified:
     """Map a futu-api / OpenD error message onto the response DESIGN.md prescribes."""
     text = str(exc)
@@ -373,9 +377,10 @@ class FutuAdapter(Adapter):
         self.ctx: _Context | None = None
         self.host = venue.host or "127.0.0.1"
         self.port = venue.port or 11111
-        # Futu sequences only ever grow per code, so "not above the last" is a duplicate; a gap is
-        # counted only for codes whose history shows contiguous sequences (`_exact`).
-        self.continuity = TradeContinuity(contiguous=True)
+        # Futu sequences grow per code, so "not above the last" is a repeat, unless a restarted OpenD
+        # renumbered (TradeContinuity tells them apart); a gap is counted only for codes whose history
+        # shows contiguous sequences (`_exact`).
+        self.continuity = TradeContinuity(True, on_reset=self.sequence_reset, on_duplicate=self.duplicate_dropped)
         self._exact: dict[str, bool] = {}
         self._suspect: set[str] = set()  # codes that may have missed prints: backfill on their next one
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -425,9 +430,11 @@ class FutuAdapter(Adapter):
     async def close(self) -> None:
         ctx, self.ctx = self.ctx, None
         self._up = False
-        if ctx is not None:
-            await _close(self._calls, ctx)
-        self._calls.close()
+        try:
+            if ctx is not None:
+                await _close(self._calls, ctx)
+        finally:  # also when stop's deadline cuts the wait short
+            self._calls.close()
 
     def _open(self) -> None:
         """A new context; it connects on futu-api's timer thread and reports through `_post`."""
@@ -466,6 +473,7 @@ class FutuAdapter(Adapter):
             self.watchdog.disarm(key)
         if "trades" in self.venue.channels:
             self._suspect.update(self.wanted)
+        self.continuity.arm(self.wanted)  # a restarted OpenD may come back renumbered
         self._up_since = None
         self._down_reason = why
         self.conn.move(ConnState.RECONNECTING, why)
@@ -668,6 +676,8 @@ class FutuAdapter(Adapter):
             fresh, missing = self.continuity.check(trade)
             if not fresh:
                 continue
+            if last is not None and int(trade.id) <= last:  # type: ignore[arg-type]
+                last = None  # a reset: counted from here, nothing before it to backfill
             # A gap counts while contiguity is unknown too (the backfill's history settles it); without
             # contiguous sequences only a known outage (`_suspect`) says prints may be missing.
             exact = self._exact.get(symbol)
@@ -707,8 +717,8 @@ class FutuAdapter(Adapter):
                 recovered += 1
         except Exception as exc:
             c = classify(exc)
-            self.count(c, exc, symbol)
-            logger.warning("venue {} backfill {} failed ({}): {}", self.name, symbol, c.kind, short(exc))
+            self.metrics.errors.labels(self.name, c.kind.value).inc()
+            self.backfill_failed(symbol, "timeout" if isinstance(exc, FutuTimeout) else c.kind.value, exc)
         exact = self._exact.get(symbol)
         self.backfill_done(
             symbol, recovered, max(0, missing - recovered) if exact else 0, f"between sequences {last} and {upto}"
@@ -1075,6 +1085,8 @@ class FutuAdapter(Adapter):
         if symbol not in self._exact:
             self._on_history(_History(symbol, [t.sequence for t in tickers]))
         new = [t for t in tickers if last is None or t.sequence > last]
+        if last is not None and tickers and tickers[-1].sequence < last:
+            new = tickers  # OpenD's newest is below what we had: it renumbered; `check` sorts them out
         if new:
             self._post(_Trades(symbol, self._trades(symbol, new, now_ns(), "polling"), streamed=False))
 
@@ -1089,7 +1101,7 @@ class FutuAdapter(Adapter):
         try:
             ret, data = await self._calls.run(CALL_TIMEOUT, fn, *args, **kwargs)
         except TimeoutError:
-            raise FutuError(f"timeout: OpenD did not answer within {CALL_TIMEOUT:g}s") from None
+            raise FutuTimeout(f"timeout: OpenD did not answer within {CALL_TIMEOUT:g}s") from None
         if ret != RET_OK:
             raise FutuError(str(data))
         return data

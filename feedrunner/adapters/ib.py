@@ -321,15 +321,17 @@ class IbAdapter(Adapter):
     async def close(self) -> None:
         """Stop's snapshot of the tasks may miss one a racing reconcile spawned (a poll loop, a backfill)."""
         self._session_up = False
-        for _ in range(10):
-            if not self._tasks:
-                break
-            tasks = list(self._tasks)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        if self.ib is not None and self.ib.isConnected():
-            self.ib.disconnect()
+        try:
+            for _ in range(10):
+                if not self._tasks:
+                    break
+                tasks = list(self._tasks)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        finally:  # also when stop's deadline cuts the wait short
+            if self.ib is not None and self.ib.isConnected():
+                self.ib.disconnect()
 
     def on_update(self, old: Venue, new: Venue) -> None:
         """Reload: channels, lines and poll_interval are read at each reconcile or poll; stale_after re-arms.
@@ -978,7 +980,9 @@ class IbAdapter(Adapter):
             except Exception as exc:
                 if isinstance(exc, ConnectionError) or not self._session_up:
                     return "interrupted", recovered, cursor
-                self.count(classify(exc), exc, symbol)
+                kind = classify(exc).kind.value
+                self.metrics.errors.labels(self.name, kind).inc()
+                self.backfill_failed(symbol, "timeout" if isinstance(exc, TimeoutError) else kind, exc)
                 attempts += 1
                 if attempts >= HISTORY_ATTEMPTS or await sleep_or_stop(float(attempts), self.stopping):
                     return "gave_up", recovered, cursor

@@ -115,6 +115,7 @@ class BinanceSim:
         self._restarts = 0
         self._refusing = 0
         self._restarting = False
+        self._renumber_at_restart: int | None = None
         self._stopping = False
         self._junk_i = 0
 
@@ -161,11 +162,20 @@ class BinanceSim:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    def inject(self, fault: Fault | str, duration: float = 0.0, symbol: str | None = None) -> None:
-        """Apply a fault now; lasting ones hold for `duration` s, `symbol` narrows it to one market."""
+    def inject(
+        self, fault: Fault | str, duration: float = 0.0, symbol: str | None = None, renumber: int | None = None
+    ) -> None:
+        """Apply a fault now; lasting ones hold for `duration` s, `symbol` narrows it to one market. A
+        restart with `renumber` comes back numbering every symbol's trades from that id (see `renumber`)."""
         fault = Fault(fault)
         if fault is Fault.LINK_LOST:
             raise ValueError("link_lost is an Interactive Brokers fault; Binance has no equivalent")
+        if renumber is not None and fault is not Fault.RESTART:
+            raise ValueError("renumber applies to a restart only")
+        if renumber is not None and renumber < 1:
+            raise ValueError("renumber must be >= 1")
+        if fault is Fault.RESTART:
+            self._renumber_at_restart = renumber
         unified = self._feed(symbol).unified if symbol is not None else None
         self.faults.inject(fault, duration, unified)
         if fault is Fault.GAP:
@@ -184,6 +194,16 @@ class BinanceSim:
 
     def last_trade_id(self, symbol: str) -> int:
         return self._feed(symbol).state.trade_id
+
+    def renumber(self, start: int) -> None:
+        """Number every symbol's next trade `start`, as a venue restarted on a fresh tape does: the recent
+        trades REST serves start over with it."""
+        for f in self.feeds:
+            f.state.trade_id, f.state.trade_count = start - 1, 0
+            f.agg_offset = min(f.agg_offset, start - 1)
+            f.history = TradeHistory(self.history_size)
+            if f.send_times is not None:
+                f.send_times.clear()
 
     @property
     def send_times(self) -> dict[str, dict[int, int]]:
@@ -310,7 +330,8 @@ class BinanceSim:
             symbol = body.get("symbol")
             if symbol is not None and not isinstance(symbol, str):
                 raise ValueError("symbol must be a string")
-            self.inject(fault, duration, symbol)
+            renumber = body.get("renumber")
+            self.inject(fault, duration, symbol, None if renumber is None else int(renumber))
         except (ValueError, TypeError, JSONDecodeError) as e:
             return json_response({"error": str(e), "faults": [f.value for f in Fault]}, status=400)
         return json_response({"ok": True, "fault": fault.value, "duration": duration, "symbol": symbol})
@@ -598,6 +619,9 @@ class BinanceSim:
             self._flush_out()
             await self._close_all(1001)
             await self._stop_http()
+            renumber, self._renumber_at_restart = self._renumber_at_restart, None
+            if renumber is not None:
+                self.renumber(renumber)
             await asyncio.sleep(duration)
             if not self._stopping:
                 await self._start_http(listen=not self._refusing)  # a refuse in force listens when it ends

@@ -205,6 +205,7 @@ class OpenDSim:
         self._push_serial = 0
         self._stopping = False
         self._restart_gen = 0
+        self._renumber_at_restart: int | None = None
         self._counters: dict[str, int] = dict.fromkeys(
             (
                 "connections_total",
@@ -313,9 +314,24 @@ class OpenDSim:
             raise ValueError(f"malformed_kind must be one of {MALFORMED_KINDS}")
         self._malformed_kind = kind
 
-    def inject(self, fault: Fault | str, duration: float = 0.0, symbol: str | None = None) -> None:
-        """`faults.inject`: instant faults hit live connections now, lasting ones hold for `duration`."""
+    def inject(
+        self, fault: Fault | str, duration: float = 0.0, symbol: str | None = None, renumber: int | None = None
+    ) -> None:
+        """`faults.inject`: instant faults hit live connections now, lasting ones hold for `duration`. A
+        restart with `renumber` comes back numbering every code's prints from that sequence (`renumber`)."""
+        fault = Fault(fault)
+        if renumber is not None and (fault is not Fault.RESTART or renumber < 1):
+            raise ValueError("renumber applies to a restart only, and must be >= 1")
+        if fault is Fault.RESTART:
+            self._renumber_at_restart = renumber
         self.faults.inject(fault, duration, symbol)
+
+    def renumber(self, start: int) -> None:
+        """Sequence every code's next print `start`, as an OpenD restarted on a fresh tape does; the ticker
+        history it serves starts over with it."""
+        for code in self._securities:
+            self.market.state(code).trade_id = start - 1
+            self._tapes[code].tickers.clear()
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -377,6 +393,9 @@ class OpenDSim:
             server.close()
         for conn in list(self._conns):
             conn.close()
+        renumber, self._renumber_at_restart = self._renumber_at_restart, None
+        if renumber is not None:
+            self.renumber(renumber)
         await asyncio.sleep(duration)
         if not self._stopping and gen == self._restart_gen and self._server is None:
             self._server = await self._listen()  # a later restart, if any, decides when to come back

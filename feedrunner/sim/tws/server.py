@@ -292,6 +292,7 @@ class TwsSim:
         self._paused_keys: set[str] = set()  # subscribed keys whose data is held back right now
         self._denied: dict[str, int] = {}  # key -> error code answering its market-data requests
         self._hmds_down_until = 0.0  # loop time until which historical requests fail (162)
+        self._history_silent: dict[str, float] = {}  # key -> loop time until which its requests go unanswered
 
         self._connections = 0
         self._messages_sent = 0
@@ -475,6 +476,11 @@ class TwsSim:
     def history_unavailable(self, duration: float) -> None:
         """Historical requests fail with 162 for `duration` seconds, as when the HMDS farm is down."""
         self._hmds_down_until = self._require_loop().time() + duration
+
+    def history_unanswered(self, symbol: str, duration: float) -> None:
+        """Historical requests for one contract get no answer at all for `duration` seconds (a request
+        HMDS lost): only the client's own timeout ends them."""
+        self._history_silent[symbol] = self._require_loop().time() + duration
 
     def prints(self, symbol: str) -> list[tuple[int, float, int]]:
         """Every print of a contract still on the tape: (epoch ms, price, size), oldest first."""
@@ -786,6 +792,8 @@ class TwsSim:
             return
         if self._loop is not None and self._loop.time() < self._hmds_down_until:
             s.error(req_id, 162, "Historical Market Data Service error message:HMDS server disconnect occurred")
+            return
+        if self._loop is not None and self._loop.time() < self._history_silent.get(spec.key, 0.0):
             return
         if what != "TRADES":
             s.error(req_id, 162, f"{ERRORS[162]} (the simulator keeps TRADES only, not {what or 'nothing'})")
