@@ -74,7 +74,7 @@ def test_run_dry_run_prints_the_plan(capsys):
     ("content", "expected"),
     [
         (None, "no such file"),
-        ("dir", "is a directory"),
+        ("dir", "not a regular file (it is a directory)"),
         (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00", "not UTF-8 text"),
         ("version: 1\nvenues: [\n", "YAML syntax error"),
         (
@@ -82,6 +82,8 @@ def test_run_dry_run_prints_the_plan(capsys):
             + "".join(f"{c}: &{c} [{','.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefg", "bcdefgh", strict=True)),
             "alias bomb",
         ),
+        ("a: " + "[" * 5000 + "]" * 5000 + "\n", ":1:67: nesting deeper than 64 levels"),
+        ("- " * 5000 + "x\n", ":1:129: nesting deeper than 64 levels"),
     ],
 )
 def test_bad_inputs_never_traceback(tmp_path, content, expected):
@@ -100,6 +102,7 @@ def test_bad_inputs_never_traceback(tmp_path, content, expected):
         timeout=60,
     )
     assert proc.returncode == EX_CONFIG
+    assert proc.stdout.startswith(f"{f}")  # every problem names its file first
     assert expected in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
 
@@ -110,9 +113,10 @@ def test_fifty_megabyte_file_is_refused_without_traceback(tmp_path, capsys):
         fh.write(b"version: 1\nvenues:\n")
         fh.write((b"  v%d: {adapter: ccxt, exchange: binance, symbols: [A/B]}\n" * 1) * 1)
         fh.write(b"# padding\n" * (5 * 1024 * 1024))
-    assert f.stat().st_size > 50_000_000
+    assert f.stat().st_size == 52_428_877
     assert main(["validate", str(f)]) == EX_CONFIG
-    assert "a spec may be at most 8 MiB" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out == f"{f}: file is 50.0 MiB (52,428,877 bytes); a spec may be at most 8 MiB\n"
 
 
 def test_schema_documents_every_property():

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
+import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
 import yaml
 
+from feedrunner import yamlsource
 from feedrunner.spec import Secret, Spec, check_file, check_text, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -469,17 +473,87 @@ def test_merge_keys_work_and_explicit_keys_win():
     assert spec.venue("b").poll_interval == 2.0 and spec.venue("b").symbols == ("BTC/USDT",)
 
 
-def test_alias_bomb_is_refused_quickly():
+def test_alias_bomb_is_refused_before_it_is_built():
+    """A billion laughs composes to a few dozen shared nodes; it is measured there, never expanded."""
     bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(8)
     )
-    found = problems(bomb)
-    assert found == ["feeds.yaml: the document expands to more than 500000 nodes (an alias bomb?)"]
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        found = problems(bomb)
+        took = time.perf_counter() - started
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Line 6 is `f`, the first anchor that expands past the bound (a million values).
+    assert found == ["feeds.yaml:6:4: the document expands through aliases to more than 500000 values (an alias bomb?)"]
+    assert peak < 5 * 2**20, f"checking the bomb allocated {peak / 2**20:.0f} MiB at its peak"
+    assert took < 1.0
 
 
-def test_deep_nesting_is_refused():
-    found = problems("a: " + "[" * 5000 + "]" * 5000 + "\n")
-    assert len(found) == 1 and "nesting deeper than" in found[0]
+def test_millions_of_values_are_refused_before_the_parser_builds_them(monkeypatch):
+    """Composing is what costs (half a minute and near 1 GiB for an 8 MiB list): count first."""
+
+    def parser_called(*args, **kwargs):
+        raise AssertionError("the YAML parser was called")
+
+    monkeypatch.setattr(yamlsource.yaml, "compose", parser_called)
+    text = "a: [" + "1, " * 600_000 + "1]\n"  # the root's key, the list, then one entry per comma
+    assert [str(p) for p in yamlsource.load(text, "f.yaml", {})[1]] == [
+        "f.yaml:1:1500000: the document has more than 500000 values"  # comma 499,999, at 4 + 3 * 499,998 + 1
+    ]
+
+
+def test_alias_cycle_is_refused():
+    assert problems("a: &a [*a]\n") == ["feeds.yaml:1:4: an alias refers to a collection that contains it"]
+
+
+DEEP = [
+    ("a: " + "[" * 5000 + "]" * 5000 + "\n", "feeds.yaml:1:67"),  # the 65th collection, past the root mapping
+    ("a: " + "{b: " * 3000 + "1" + "}" * 3000 + "\n", "feeds.yaml:1:256"),
+    ('{"a": ' + "[" * 2000 + "]" * 2000 + "}\n", "feeds.yaml:1:70"),
+    ("- " * 5000 + "x\n", "feeds.yaml:1:129"),
+    ("".join(" " * i + "k:\n" for i in range(2000)) + " " * 2000 + "v\n", "feeds.yaml:65:65"),
+    ("a: &a " + "[" * 40 + "1" + "]" * 40 + "\nb: " + "[" * 40 + "*a" + "]" * 40 + "\n", "feeds.yaml:1:4"),
+]
+
+
+@pytest.mark.parametrize(("source", "where"), DEEP, ids=["flow", "flow-map", "json", "dashes", "indent", "alias"])
+def test_deep_nesting_is_refused_by_our_limit(source, where):
+    assert problems(source) == [f"{where}: nesting deeper than 64 levels"]
+
+
+def test_deep_nesting_is_refused_before_the_parser_runs(monkeypatch):
+    """Our limit holds whatever the installed PyYAML or libyaml does: they never see such a file."""
+
+    def parser_called(*args, **kwargs):
+        raise AssertionError("the YAML parser was called")
+
+    monkeypatch.setattr(yamlsource.yaml, "compose", parser_called)
+    for source, where in DEEP[:-1]:  # the alias case needs the composed graph to be measured
+        assert [str(p) for p in yamlsource.load(source, "feeds.yaml", {})[1]] == [
+            f"{where}: nesting deeper than 64 levels"
+        ]
+
+
+def test_nesting_limit_is_64_levels_and_counts_only_collections():
+    def found(text: str) -> list[str]:
+        return [str(p) for p in yamlsource.load(text, "f.yaml", {})[1]]
+
+    assert found("a: " + "[" * 63 + "]" * 63 + "\n") == []  # the root mapping and 63 lists: 64
+    assert found("a: " + "[" * 64 + "]" * 64 + "\n") == ["f.yaml:1:67: nesting deeper than 64 levels"]
+    brackets = "[{" * 100
+    for text in (
+        f'a: "{brackets}"\n',  # in quoted scalars,
+        f"a: '{brackets}'\n",
+        f"a: x{brackets}\n",  # plain ones,
+        f"a: |\n  {brackets}\n" + "".join(" " * (i + 2) + "- x\n" for i in range(100)),  # block scalars,
+        f"a: 1  # {brackets}\n",  # comments,
+        f"a: first line\n  {brackets} continues it\n",  # multi-line plain scalars
+    ):
+        doc, found = yamlsource.load(text, "f.yaml", {})
+        assert found == [] and isinstance(doc.data, dict), text
 
 
 @pytest.mark.parametrize(
@@ -507,12 +581,23 @@ def test_junk_input_gives_a_problem_not_a_traceback(source, expected):
 
 
 def test_files(tmp_path):
-    assert "no such file" in str(check_file(tmp_path / "nope.yaml")[1][0])
-    assert "is a directory" in str(check_file(tmp_path)[1][0])
+    assert [str(p) for p in check_file(tmp_path / "nope.yaml")[1]] == [f"{tmp_path / 'nope.yaml'}: no such file"]
+    assert [str(p) for p in check_file(tmp_path)[1]] == [
+        f"{tmp_path}: not a regular file (it is a directory); give the path of a feeds.yaml file"
+    ]
     big = tmp_path / "big.yaml"
     big.write_bytes(b"# " + b"x" * (50 * 1024 * 1024) + b"\n")
     spec, found = check_file(big)
-    assert spec is None and "a spec may be at most 8 MiB" in str(found[0])
+    assert spec is None
+    assert [str(p) for p in found] == [f"{big}: file is 50.0 MiB (52,428,803 bytes); a spec may be at most 8 MiB"]
+
+
+def test_oversized_text_gives_its_size():
+    text = "# " + "x" * (9 * 1024 * 1024) + "\n"
+    assert problems(text) == ["feeds.yaml: file is 9.0 MiB (9,437,187 bytes); a spec may be at most 8 MiB"]
+    assert [str(p) for p in check_text(text.encode(), "feeds.yaml", {})[1]] == problems(text)
+    wide = "# " + "\u00e9" * (4 * 1024 * 1024 + 1) + "\n"  # fewer characters than the limit, more bytes
+    assert problems(wide) == ["feeds.yaml: file is 8.0 MiB (8,388,613 bytes); a spec may be at most 8 MiB"]
 
 
 def test_locations_point_at_keys_and_items():
@@ -538,4 +623,72 @@ def test_yaml_loader_roundtrip_of_shipped_file_matches_pyyaml():
     text = (ROOT / "feeds.yaml").read_text()
     doc, found = load(text, "feeds.yaml", {"ALERT_WEBHOOK": "x"})
     assert found == []
-    assert doc.data == yaml.safe_load(text.replace("${ALERT_WEBHOOK:-}", "x"))
+    defaults = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: "x" if m[1] == "ALERT_WEBHOOK" else m[2], text)
+    assert doc.data == yaml.safe_load(defaults)
+
+
+# --- schema problems do not hide the semantic checks that can still run -------------------------------
+
+TWO_VENUES = """\
+version: 1
+venues:
+  binance: {adapter: ccxt, exchange: binance, symbols: [BTC/USDT, ETH/USDT, SOL/USDT]}
+  ib: {adapter: ib, symbols: [AAPL]}
+"""
+
+
+def test_schema_and_semantic_problems_are_reported_together():
+    rollout = "rollout:\n  phases: [{name: a, symbols: [binance:BTC/USDTT]}]\n"
+    found = problems(TWO_VENUES + "sinks: [{type: jsonl}]\n" + rollout)
+    assert found == [
+        "feeds.yaml:5:9: sinks[0]: missing required key 'path'",
+        "feeds.yaml:7:32: rollout.phases[0].symbols[0]: 'BTC/USDTT' is not a symbol of venue 'binance'; "
+        "did you mean 'binance:BTC/USDT'?",
+    ]
+
+
+def test_a_refused_venue_is_not_reported_again_where_it_is_used():
+    text = TWO_VENUES.replace("{adapter: ccxt,", "{adapter: ccxt, transport: smoke,")
+    found = problems(text + "rollout:\n  phases: [{name: a, symbols: [binance:BTC/USDT, ibb:AAPL]}]\n")
+    assert found == [
+        "feeds.yaml:3:28: venues.binance.transport: must be one of websocket, polling, hybrid (got 'smoke')",
+        "feeds.yaml:6:50: rollout.phases[0].symbols[1]: no venue named 'ibb'; did you mean 'ib'?",
+    ]
+    found = problems("version: 1\nrollout:\n  phases: [{name: a, symbols: [binance:X]}, {name: b, symbols: all}]\n")
+    assert found == [
+        "feeds.yaml:1:1: missing required key 'venues'",
+        "feeds.yaml:3:12: rollout.phases[0]: missing required key 'dwell' (every phase but the last needs one)",
+    ]
+
+
+def test_venues_inheriting_a_refused_default_are_not_checked_the_others_are():
+    found = problems("""\
+        version: 1
+        defaults: {poll_interval: 1x, backoff: {cap: never}}
+        venues:
+          inherits: {adapter: ib, symbols: [AAPL], channels: [ticker, book]}
+          overrides: {adapter: ib, symbols: [AAPL], channels: [ticker, book], poll_interval: 1s, backoff: {cap: 1m}}
+    """)
+    assert found == [
+        "feeds.yaml:2:12: defaults.poll_interval: must be a duration like 250ms, 30s, 5m, 2h or 1d (got '1x')",
+        "feeds.yaml:2:41: defaults.backoff.cap: must be a duration like 250ms, 30s, 5m, 2h or 1d (got 'never')",
+        "feeds.yaml:5:64: venues.overrides.channels[1]: channel 'book' is not supported by adapter ib "
+        "(supported: ticker, trades)",
+    ]
+
+
+def test_a_refused_phase_or_gate_leaves_the_others_checked():
+    found = problems(
+        TWO_VENUES
+        + "rollout:\n  phases:\n    - {name: a, symbols: [binance:BTC/USDT], dwell: 1h}\n"
+        + "    - {name: b, symbols: some, dwell: 1h}\n    - {name: c, symbols: [binance:ETH/USDT]}\n"
+        + "  gates: [{metric: uptime}, {metric: error_rate, below: 1%, window: 2h}]\n"
+    )
+    assert found == [
+        "feeds.yaml:8:17: rollout.phases[1].symbols: must be 'all', a list of venue:SYMBOL, or "
+        "{venue: NAME, first: N} (got 'some')",
+        "feeds.yaml:10:11: rollout.gates[0]: needs exactly one of below, above, at_most, at_least "
+        '(got {"metric": "uptime"})',
+        "feeds.yaml:10:61: rollout.gates[1].window: window (2h) is longer than the dwell of phase 'a' (1h): "
+        "the gate could never fill its window",
+    ]
