@@ -57,6 +57,30 @@ class Metrics:
         self.book_resyncs = Counter(
             "feedrunner_book_resyncs_total", "Order books rebuilt from a snapshot.", ["venue"], registry=r
         )
+        self.trades_duplicate = Counter(
+            "feedrunner_trades_dropped_duplicate_total",
+            "Trades dropped because their id was already delivered.",
+            ["venue"],
+            registry=r,
+        )
+        self.sequence_resets = Counter(
+            "feedrunner_sequence_resets_total",
+            "Trade ids that went back (the venue renumbered): delivered, counted from anew.",
+            ["venue"],
+            registry=r,
+        )
+        self.backfill_failures = Counter(
+            "feedrunner_backfill_failures_total",
+            "Backfill requests that failed or timed out, per symbol attempt.",
+            ["venue", "reason"],
+            registry=r,
+        )
+        self.close_timeouts = Counter(
+            "feedrunner_close_timeouts_total",
+            "Adapter stops whose close was cut short by close_timeout.",
+            ["venue"],
+            registry=r,
+        )
         self.circuit_state = Gauge(
             "feedrunner_circuit_state",
             "Breaker state: 0 closed, 1 half-open, 2 open.",
@@ -82,7 +106,16 @@ class Metrics:
         self.sink_written = Counter(
             "feedrunner_sink_events_written_total", "Events written by each sink.", ["sink"], registry=r
         )
-        self.sink_errors = Counter("feedrunner_sink_errors_total", "Sink write failures.", ["sink"], registry=r)
+        self.sink_errors = Counter(
+            "feedrunner_sink_errors_total",
+            "Sink operations that failed (open, write, flush, close, reopen), per file.",
+            ["sink", "operation"],
+            registry=r,
+        )
+        self.sink_events_failed = Counter(
+            "feedrunner_sink_events_failed_total", "Events a sink could not write (lost).", ["sink"], registry=r
+        )
+        self.sink_up = Gauge("feedrunner_sink_up", "1 while every file of the sink is writable.", ["sink"], registry=r)
 
 
 def observe_many(child: Any, values: Iterable[float]) -> None:

@@ -23,7 +23,9 @@ class Pipeline:
     """The bounded queue between adapters and sinks, with the overflow policy from the spec.
 
     Adapters put whole batches (one watch result, say): a queue entry per event cost more than the
-    sink itself at high rates. The bound (`queue.size`) still counts events.
+    sink itself at high rates. The bound (`queue.size`) still counts events. Sinks report their own
+    I/O faults per file (sinks/base.py SinkState); an exception escaping a sink is caught here, so one
+    sink failing never stops the feeds or the other sinks.
     """
 
     def __init__(self, spec: Spec, sinks: list[Sink], metrics: Metrics, health: Health | None = None) -> None:
@@ -34,6 +36,13 @@ class Pipeline:
         self.metrics = metrics
         self.written = 0
         self.depth = 0  # events queued
+        # Durability marks, in events: accepted by put; settled (written, failed or dropped); settled
+        # before the last flush completed. Everything accepted by `accepted == n` is on disk (or counted
+        # lost) once `durable >= n`, which is what a trade checkpoint waits for.
+        self.accepted = 0
+        self.settled = 0
+        self.durable = 0
+        self._flushed = asyncio.Event()
         self._batches: deque[list[Event]] = deque()
         self._written: dict[str, Any] = {}  # sink name -> its labelled counter
         self._ready = asyncio.Event()
@@ -41,11 +50,14 @@ class Pipeline:
         self._task: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._flush_every = min((s.spec.flush_interval for s in sinks), default=1.0) or 0.05
+        for sink in sinks:
+            sink.state.bind(metrics)
 
     async def put(self, events: list[Event]) -> None:
         """Queue a batch (the pipeline owns the list from here on)."""
         if not events:
             return
+        self.accepted += len(events)
         if self.block:
             while self.depth and self.depth + len(events) > self.capacity:
                 self._space.clear()
@@ -72,6 +84,7 @@ class Pipeline:
 
     def _drop(self, n: int) -> None:
         self.metrics.dropped.labels("queue_full").inc(n)
+        self.settled += n
 
     def _take(self, limit: int) -> list[Event]:
         batch: list[Event] = []
@@ -109,26 +122,61 @@ class Pipeline:
             self.health.observe_many(batch)
         for sink in self.sinks:
             events = batch if len(sink.kinds) == 3 else [e for e in batch if e.kind in sink.kinds]
+            state = sink.state
             try:
                 written = sink.write(events)
-                counter = self._written.get(sink.name)
-                if counter is None:
-                    counter = self._written[sink.name] = self.metrics.sink_written.labels(sink.name)
-                counter.inc(written)
-            except Exception as exc:  # a failing sink is counted and logged, never fatal to the feeds
-                self.metrics.sink_errors.labels(sink.name).inc()
-                logger.error("sink {} failed to write {} events: {}", sink.name, len(events), exc)
+            except Exception as exc:  # a sink's bug, not its I/O (handled per file inside): the batch is lost
+                state.fail("batches", "write", len(events), exc)
+                continue
+            if state.failing:
+                state.ok("batches")
+            counter = self._written.get(sink.name)
+            if counter is None:
+                counter = self._written[sink.name] = self.metrics.sink_written.labels(sink.name)
+            counter.inc(written)
+            state.events_written += written
         self.written += len(batch)
+        self.settled += len(batch)
         if self.health is not None:
             self.health.observe_written(batch[-1], time.time_ns())
 
+    async def flushed(self, mark: int) -> None:
+        """Return once every event accepted up to `mark` (a past `accepted`) is written and flushed."""
+        while self.durable < mark:
+            self._flushed.clear()
+            await self._flushed.wait()
+
     def _flush(self) -> None:
+        mark = self.settled
+        self._flush_sinks()
+        self.durable = mark
+        self._flushed.set()
+
+    def _flush_sinks(self) -> None:
         for sink in self.sinks:
             try:
                 sink.flush()
             except Exception as exc:
-                self.metrics.sink_errors.labels(sink.name).inc()
-                logger.error("sink {} failed to flush: {}", sink.name, exc)
+                sink.state.fail("buffers", "flush", 0, exc)
+            else:
+                if sink.state.failing:
+                    sink.state.ok("buffers")
+
+    def reopen(self) -> None:
+        """Every sink lets go of its files; each path is opened afresh by its next write (SIGHUP)."""
+        for sink in self.sinks:
+            try:
+                sink.reopen()
+            except Exception as exc:
+                sink.state.fail("files", "reopen", 0, exc)
+        logger.info("sinks reopened: {}", ", ".join(s.name for s in self.sinks) or "none")
+
+    def sink_problems(self) -> list[str]:
+        """Why /readyz fails on account of the sinks: one line per failing sink."""
+        return [p for s in self.sinks if (p := s.state.problem())]
+
+    def sink_status(self) -> dict[str, dict[str, Any]]:
+        return {s.name: s.state.status() for s in self.sinks}
 
     async def drain_and_close(self) -> None:
         for task in (self._task, self._flusher):
@@ -140,5 +188,11 @@ class Pipeline:
         if rest:
             self._write(rest)
         for sink in self.sinks:
-            with contextlib.suppress(Exception):
+            try:
                 sink.close()
+            except Exception as exc:
+                sink.state.fail("the sink", "close", 0, exc)
+            if sink.state.since is not None:
+                logger.error("{}; closed while failing", sink.state.problem())
+        self.durable = self.settled
+        self._flushed.set()

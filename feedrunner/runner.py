@@ -14,6 +14,7 @@ import gc
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -28,6 +29,7 @@ from prometheus_client import Counter, Gauge
 from feedrunner import jobs
 from feedrunner.adapters.base import Adapter
 from feedrunner.alerts import Alerts
+from feedrunner.checkpoints import Checkpoints, CheckpointStore
 from feedrunner.control import ControlServer
 from feedrunner.health import Health
 from feedrunner.metrics import Metrics
@@ -38,6 +40,7 @@ from feedrunner.rollout import Controller, Store, engine_for
 from feedrunner.rollout import State as RolloutState
 from feedrunner.sinks import build as build_sink
 from feedrunner.spec import Spec, Venue
+from feedrunner.statelock import StoreBusy, StoreLock, redact
 
 
 def adapter_class(venue: Venue) -> type[Adapter] | None:
@@ -73,6 +76,13 @@ class Runner:
         self.scheduler: AsyncIOScheduler | None = None
         self.control: ControlServer | None = None
         self._sampler: asyncio.Task[None] | None = None
+        self._up: asyncio.Task[None] | None = None
+        self.lock: StoreLock | None = None
+        self.checkpoints: CheckpointStore | None = None
+        self._stored: Checkpoints = {}  # trade checkpoints loaded at start, seeded into each venue once
+        self._checkpointer: asyncio.Task[None] | None = None
+        self.started = False  # /readyz says "starting" until every venue and job is set up
+        self.fatal: Callable[[str], None] = lambda why: None  # serve() stops the process on it
         self._seen_counts: dict[tuple[str, str], float] = {}
         self.engine: sa.Engine | None = None
         self._runtime: dict[str, Callable[[Venue], Venue]] = {}  # simulator endpoints, kept across reloads
@@ -82,6 +92,11 @@ class Runner:
             "feedrunner_config_reloads_total",
             "feeds.yaml reloads by result.",
             ["result"],
+            registry=self.metrics.registry,
+        )
+        self.checkpoint_failures = Counter(
+            "feedrunner_checkpoint_failures_total",
+            "Trade checkpoint saves the state store refused.",
             registry=self.metrics.registry,
         )
         self.rollout_phase = Gauge(
@@ -114,23 +129,34 @@ class Runner:
     # -- lifecycle -------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Claim the state store, bind the control port, then touch the store: a second runner on the
+        same store, or a port in use, stops here with nothing written."""
         venues = [v for v in self.spec.venues if v.enabled]
         self.engine = engine_for(self.spec.state_url)  # one engine for our tables and the job store
+        self.lock = StoreLock(self.spec.state_url, self.engine)
+        self.lock.acquire()
+        if self.spec.server.enabled:
+            self.control = ControlServer(self)
+            await self.control.start()
         if self.spec.rollout is not None and self.spec.rollout.enabled:
             self.rollout = Controller(self.spec, Store(self.engine), self.health, on_change=self.reconcile)
+        if self.spec.environment == "live":  # a simulator started here begins a new tape every run
+            self.checkpoints = CheckpointStore(self.engine)
+            self._stored = self.checkpoints.load()
         self.pipeline.start()
         self.alerts.start()
         for venue in venues:
             await self._add_venue(venue)
         self.reconcile()
+        if self.checkpoints is not None:
+            self._checkpointer = asyncio.create_task(self._checkpoint_periodically(), name="trade-checkpoints")
         self._sampler = asyncio.create_task(self._sample(), name="health-sampler")
+        self._up = asyncio.create_task(self._mark_up(), name="health-baseline")
         await self._start_scheduler()
-        if self.spec.server.enabled:
-            self.control = ControlServer(self)
-            await self.control.start()
+        self.started = True
         logger.info("runner started: {} venue(s) running, {} skipped", len(self.adapters), len(self.skipped))
 
-    async def _add_venue(self, venue: Venue) -> None:
+    async def _add_venue(self, venue: Venue, seed: dict[str, int] | None = None) -> None:
         if self.spec.environment == "simulator":
             venue = await self._simulate(venue)
         cls = adapter_class(venue)
@@ -142,6 +168,9 @@ class Runner:
         assert cls is not None
         adapter = cls(venue, self.pipeline.put, self.metrics)
         self.adapters[venue.name] = adapter
+        if seed is None:
+            seed = {s: n for (v, s), n in self._stored.items() if v == venue.name and s in venue.symbols}
+        adapter.seed_checkpoints(seed)
         await adapter.start()
 
     async def _start_scheduler(self) -> None:
@@ -233,16 +262,19 @@ class Runner:
         new = {v.name: v for v in spec.venues if v.enabled}
         self.spec = spec
         restart = {c.target for c in changes if c.kind == "venue_restart"}
+        resume: dict[str, dict[str, int]] = {}  # a rebuilt venue resumes its tape where the old one stopped
         for name in (old.keys() - new.keys()) | restart:
             adapter = self.adapters.pop(name, None)
             if adapter is not None:
                 await adapter.stop()
+                if name in restart:
+                    resume[name] = adapter.trade_checkpoints()
             self.skipped.pop(name, None)
         for name, venue in new.items():
             adapter = self.adapters.get(name)
             if adapter is None:
                 if name not in self.skipped:
-                    await self._add_venue(venue)
+                    await self._add_venue(venue, resume.get(name, {}))
                 continue
             sim = self._sims_by_venue.get(name)
             if sim is not None and hasattr(sim, "add_symbol"):  # a symbol added in simulator mode
@@ -269,7 +301,11 @@ class Runner:
         from feedrunner.spec import check_file
 
         async with self._reload_lock:
-            spec, problems = await asyncio.to_thread(check_file, path or self.spec.source)
+            path = path or self.spec.source
+            try:
+                spec, problems = await asyncio.wait_for(asyncio.to_thread(check_file, path), RELOAD_TIMEOUT)
+            except TimeoutError:
+                spec, problems = None, [f"{path}: not read within {RELOAD_TIMEOUT:g}s"]
             if spec is None:
                 self.reject_reload(problems)
                 return "invalid", [], problems
@@ -289,17 +325,22 @@ class Runner:
         jobs.bind(None)
         if self.control is not None:
             await self.control.stop()
-        if self._sampler is not None:
-            self._sampler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sampler
-        for adapter in self.adapters.values():
-            await adapter.stop()
+        for task in (self._sampler, self._up, self._checkpointer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        # Concurrently: each adapter's stop is bounded by its close_timeout, and in sequence they would add up.
+        await asyncio.gather(*(a.stop() for a in self.adapters.values()))
         await self.pipeline.drain_and_close()
+        if self.checkpoints is not None:
+            await self._save_checkpoints(self._snapshot())
         await self.alerts.stop()
         for sim in self.sims:
             with contextlib.suppress(Exception):
                 await sim.stop()
+        if self.lock is not None:
+            self.lock.release()
         if self.engine is not None:
             self.engine.dispose()
         logger.info("runner stopped: {} events written", self.pipeline.written)
@@ -307,9 +348,15 @@ class Runner:
     # -- health ----------------------------------------------------------------------------------------
 
     async def _sample(self) -> None:
-        """Once a second: each venue up or not, and its new errors and reconnects, into the health windows."""
+        """Once a second: each venue up or not, and its new errors and reconnects, into the health windows;
+        every 5 s, that the state store is still ours."""
+        ticks = 0
         while True:
             await asyncio.sleep(1.0)
+            self.health.sample_memory()
+            ticks += 1
+            if ticks % 5 == 0 and self.lock is not None and not await asyncio.to_thread(self.lock.held):
+                await self._reclaim_store()
             for name, adapter in self.adapters.items():
                 self.health.sample_up(name, not self._venue_problem(name, adapter))
                 for metric, feed in (
@@ -328,6 +375,72 @@ class Runner:
                     for _ in range(max(0, delta)):
                         feed(name)
 
+    async def venues_up(self, timeout: float = 30.0) -> None:
+        """Return once every adapter is connected (or `timeout` passed)."""
+        up = (ConnState.CONNECTED, ConnState.DEGRADED)
+        for _ in range(int(timeout / 0.25)):  # polled: adapters have no "all up" event to wait on
+            if all(a.conn.state in up for a in self.adapters.values()):
+                return
+            await asyncio.sleep(0.25)
+
+    async def _mark_up(self) -> None:
+        """Health windows and the memory baseline start once the venues are up: what loading markets
+        allocates is startup, and a window that began before the venues did would judge the start."""
+        await self.venues_up()
+        await asyncio.sleep(0)  # let the first batches land in the queue before the baseline
+        self.health.mark_up()
+
+    # -- trade checkpoints ------------------------------------------------------------------------------
+
+    def _snapshot(self) -> Checkpoints:
+        return {(name, s): n for name, a in self.adapters.items() for s, n in a.trade_checkpoints().items()}
+
+    async def _checkpoint_periodically(self) -> None:
+        """Every CHECKPOINT_EVERY seconds: the last trade id per symbol that the sinks have on disk.
+
+        The snapshot is of ids already handed to the queue; it is stored once everything queued before it
+        is written and flushed, so a crash (kill -9) resumes from ids the files hold, and the restart
+        backfills what came after (or counts it lost). Not stored while a sink fails: those trades are
+        not on disk, and a restart should fetch them again.
+        """
+        self._stored = {}  # seeded at start; a venue added later starts from the live tape
+        while True:
+            await asyncio.sleep(CHECKPOINT_EVERY)
+            snap, mark = self._snapshot(), self.pipeline.accepted
+            await self.pipeline.flushed(mark)
+            await self._save_checkpoints(snap)
+
+    async def _save_checkpoints(self, snap: Checkpoints) -> None:
+        assert self.checkpoints is not None
+        if not snap:
+            return
+        failing = self.pipeline.sink_problems()
+        if failing:
+            logger.debug("trade checkpoints held back: {}", failing[0])
+            return
+        try:
+            await asyncio.to_thread(self.checkpoints.save, snap)
+        except sa.exc.SQLAlchemyError as exc:
+            self.metrics.errors.labels("state", "checkpoint").inc()
+            logger.warning(
+                "trade checkpoints not saved ({}): a crash now would resume from older ids", exc.__class__.__name__
+            )
+
+    async def _reclaim_store(self) -> None:
+        """The store lock's session died (a database restart): take it again, or stop if another runner
+        took it meanwhile, since two runners would overwrite each other's rollout."""
+        assert self.lock is not None
+        logger.error("state store lock lost ({}): claiming it again", redact(self.spec.state_url))
+        self.lock.release()
+        try:
+            await asyncio.to_thread(self.lock.acquire)
+        except StoreBusy as exc:
+            self.fatal(str(exc))
+        except sa.exc.SQLAlchemyError as exc:
+            logger.error("state store unreachable: {}; next try in 5s", exc.__class__.__name__)
+        else:
+            logger.info("state store lock held again")
+
     def _venue_problem(self, name: str, adapter: Adapter) -> str | None:
         if adapter.conn.state not in (ConnState.CONNECTED, ConnState.DEGRADED):
             return f"{name}: {adapter.conn.state.value} ({adapter.conn.reason})"
@@ -338,9 +451,12 @@ class Runner:
         return None
 
     def not_ready(self) -> list[str]:
-        """Why /readyz says 503: every enabled venue must be connected and delivering."""
+        """Why /readyz says 503: every enabled venue must be connected and delivering, every sink writing."""
+        if not self.started:
+            return ["starting"]
         problems = [p for n, a in self.adapters.items() if (p := self._venue_problem(n, a))]
         problems += [f"{n}: skipped ({why})" for n, why in self.skipped.items()]
+        problems += self.pipeline.sink_problems()
         return problems
 
     def health_tick(self) -> None:
@@ -402,6 +518,7 @@ class Runner:
             "skipped": dict(self.skipped),
             "queue_depth": self.pipeline.depth,
             "events_written": self.pipeline.written,
+            "sinks": self.pipeline.sink_status(),
             "ready": not self.not_ready(),
             "not_ready": self.not_ready(),
             "rss_mb": round(rss / 2**20, 1),
@@ -453,11 +570,7 @@ async def freeze_heap_when_up(runner: Runner, timeout: float = 30.0) -> None:
     event loop for about 90 ms: a latency spike on every feed whenever it came. Frozen, they are no
     longer walked; everything created later is collected as usual.
     """
-    up = (ConnState.CONNECTED, ConnState.DEGRADED)
-    for _ in range(int(timeout / 0.25)):  # polled: adapters have no "all up" event to wait on
-        if all(a.conn.state in up for a in runner.adapters.values()):
-            break
-        await asyncio.sleep(0.25)
+    await runner.venues_up(timeout)
     gc.collect()
     gc.freeze()
     logger.debug("{} long-lived objects frozen out of garbage collection", gc.get_freeze_count())
@@ -476,11 +589,21 @@ def log_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any])
 async def serve(spec: Spec, watch: bool = False) -> int:
     runner = Runner(spec)
     stop = asyncio.Event()
+    failure: list[str] = []
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(log_loop_exception)
+
+    def fatal(why: str) -> None:
+        logger.error("stopping: {}", why)
+        failure.append(why)
+        stop.set()
+
+    runner.fatal = fatal
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(runner.reload_file()))
+    loop.add_signal_handler(  # logrotate's signal too: sinks reopen their files
+        signal.SIGHUP, lambda: (runner.pipeline.reopen(), asyncio.ensure_future(runner.reload_file()))
+    )
     watcher = freezer = None
     try:
         await runner.start()
@@ -488,21 +611,63 @@ async def serve(spec: Spec, watch: bool = False) -> int:
         if watch:
             watcher = asyncio.create_task(watch_file(runner, spec.source), name="watch")
         await stop.wait()
-        logger.info("signal received: draining and stopping")
+        if not failure:
+            logger.info("signal received: draining and stopping")
+    except StoreBusy as exc:
+        logger.error("cannot start: {}", exc)
+        return 69
     except OSError as exc:  # the control port taken, the state directory unwritable...
         logger.error("cannot start: {}", exc)
         return 69  # EX_UNAVAILABLE
     except sa.exc.SQLAlchemyError as exc:
-        logger.error("cannot open the state store {}: {}", spec.state_url.split("@")[-1], exc.__class__.__name__)
+        logger.error("cannot open the state store {}: {}", redact(spec.state_url), exc.__class__.__name__)
         return 69
     finally:
+        _exit_after(spec.shutdown_deadline + EXIT_GRACE)
         for task in (watcher, freezer):
             if task is not None:
                 task.cancel()
-        await runner.stop()
-    return 0
+        try:
+            await asyncio.wait_for(runner.stop(), spec.shutdown_deadline)
+        except TimeoutError:
+            logger.error("shutdown passed its {:g}s deadline: exiting with what is flushed", spec.shutdown_deadline)
+    return 69 if failure else 0
+
+
+CHECKPOINT_EVERY = 5.0  # seconds between trade checkpoint saves (one upsert of every symbol)
+RELOAD_TIMEOUT = 30.0  # seconds a reload may take to read and check feeds.yaml
+EXIT_GRACE = 5.0  # seconds past shutdown.deadline before the process exits whatever is still running
+
+
+def _exit_after(seconds: float) -> None:
+    """Shutdown must not depend on threads: a reload blocked in open(), a client library's thread, the
+    executor join at interpreter exit. A daemon timer ends the process if it is still here by then."""
+
+    def force() -> None:
+        logger.error("shutdown still blocked after {:g}s: exiting now", seconds)
+        os._exit(70)  # EX_SOFTWARE
+
+    timer = threading.Timer(seconds, force)
+    timer.daemon = True
+    timer.start()
 
 
 def run(spec: Spec, watch: bool = False) -> int:
     configure_logging(spec)
-    return asyncio.run(serve(spec, watch))
+    loop = asyncio.new_event_loop()
+    try:
+        code = loop.run_until_complete(serve(spec, watch))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()
+    # Not asyncio.run, and no plain return: both join worker threads (the default executor's at loop
+    # close, every non-daemon one at interpreter exit), and a thread stuck in a blocking call (a FIFO's
+    # open, a dead NFS read, a client library's socket) would hold the process forever.
+    stuck = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if stuck:
+        logger.warning("exiting past {} blocked thread(s): {}", len(stuck), ", ".join(stuck[:5]))
+        logger.complete()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

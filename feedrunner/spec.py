@@ -23,7 +23,7 @@ import jsonschema
 import yaml
 
 from feedrunner import units
-from feedrunner.yamlsource import MAX_BYTES, Document, Path, Problem, format_path, load
+from feedrunner.yamlsource import Document, Path, Problem, format_path, load, read
 
 Transport = Literal["websocket", "polling", "hybrid"]
 Channel = Literal["trades", "ticker", "book"]
@@ -113,6 +113,7 @@ class Venue:
     backoff: Backoff
     circuit_breaker: CircuitBreakerSpec
     enabled: bool = True
+    close_timeout: float = 5.0  # seconds Adapter.stop may wait for the venue before cutting its close short
     # ccxt
     exchange: str | None = None
     endpoints: Mapping[str, str] = field(default_factory=dict)
@@ -210,6 +211,9 @@ class Server:
     host: str = "127.0.0.1"
     port: int = 9108
     token: Secret | None = None
+    allowed_hosts: tuple[str, ...] = ()  # Host values answered besides the listen address; "*" any
+    header_timeout: float = 10.0  # seconds a connection may take to send a complete request head
+    max_connections: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +232,7 @@ class Spec:
     log_format: Literal["text", "json"]
     sim_seed: int
     sim_rate: float
+    shutdown_deadline: float = 20.0
 
     def venue(self, name: str) -> Venue:
         for v in self.venues:
@@ -260,18 +265,15 @@ def _validator() -> jsonschema.protocols.Validator:
 
 
 def check_file(path: str | FsPath, env: Mapping[str, str] | None = None) -> tuple[Spec | None, list[Problem]]:
-    """Read and check one file; returns the Spec or every problem, never raises for bad input."""
+    """Read and check one file; returns the Spec or every problem, never raises for bad input.
+
+    Never blocks: a FIFO, a device or a directory is refused before it is opened, and the read is
+    bounded in size and time (yamlsource.read), so a reload cannot hang on what replaced feeds.yaml.
+    """
     name = str(path)
-    p = FsPath(path)
-    try:
-        if p.is_dir():
-            return None, [Problem(name, 0, 0, "", "is a directory, not a feeds.yaml file")]
-        with p.open("rb") as fh:
-            raw = fh.read(MAX_BYTES + 1)  # a larger file is rejected without reading it all
-    except FileNotFoundError:
-        return None, [Problem(name, 0, 0, "", "no such file")]
-    except OSError as exc:
-        return None, [Problem(name, 0, 0, "", f"cannot read: {exc.strerror or exc}")]
+    raw, problems = read(name)
+    if raw is None:
+        return None, problems
     return check_text(raw, name, env)
 
 
@@ -283,14 +285,14 @@ def check_text(
         return None, problems or [Problem(file, 1, 1, "", "the document is empty (null)")]
     if not isinstance(doc.data, dict):
         return None, [doc.problem((), "the top level must be a mapping of keys (version, venues, ...)")]
-    # Interpolation and duplicate-key problems do not stop the checks: an operator sees everything at once.
+    # No problem stops the checks: interpolation, duplicate-key and schema problems mark their paths
+    # (doc.broken) and the semantic checks run on every other part, so an operator sees everything at once.
     problems += _schema_problems(doc)
-    if problems:
-        return None, _sorted(problems)
     builder = _SpecBuilder(doc)
     spec = builder.build()
-    if builder.problems:
-        return None, _sorted(builder.problems)
+    problems += builder.problems
+    if problems or spec is None:
+        return None, _sorted(problems)
     return spec, []
 
 
@@ -337,12 +339,28 @@ def _yaml_type(value: object) -> str:
 def _schema_problems(doc: Document) -> list[Problem]:
     _coerce_interpolated(doc)
     problems = _foreign_keys(doc)
+    refused: list[Path] = []
     for error in _validator().iter_errors(doc.data):
         path = tuple(error.absolute_path)
         if any(path[: len(b)] == b for b in doc.broken):
             continue  # already reported where it broke (an unset variable, a duplicate key)
         problems.extend(_translate(doc, error))
+        refused += _refused_paths(error)
+    doc.broken.update(refused)
     return problems
+
+
+def _refused_paths(error: jsonschema.ValidationError) -> list[Path]:
+    """What a schema error refuses: the value at its path, or the keys a mapping misses or must not have."""
+    path: Path = tuple(error.absolute_path)
+    inst = error.instance
+    if error.validator == "required" and isinstance(inst, dict):
+        return [(*path, k) for k in error.validator_value if k not in inst]
+    if error.validator == "additionalProperties" and isinstance(inst, dict):
+        return [(*path, k) for k in inst if k not in error.schema.get("properties", {})]
+    if "propertyNames" in error.schema_path:
+        return [(*path, str(inst))]
+    return [path]
 
 
 def _coerce_interpolated(doc: Document) -> None:
@@ -395,6 +413,7 @@ def _foreign_keys(doc: Document) -> list[Problem]:
             continue
         for key in sorted(_forbidden(definition, disc).get(block[disc], frozenset()) & block.keys()):
             problems.append(doc.problem((*path, key), f"'{key}' is not a setting of {disc} {block[disc]}"))
+            doc.broken.add((*path, key))
     return problems
 
 
@@ -483,7 +502,7 @@ def _at(data: object, path: Path) -> object:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Semantic checks and the typed build (the data already passed the schema)
+# Semantic checks and the typed build (on every part that passed the schema; quiet() says which)
 
 _LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 
@@ -493,27 +512,45 @@ class _SpecBuilder:
         self.doc = doc
         self.d: dict[str, Any] = doc.data  # type: ignore[assignment]
         self.problems: list[Problem] = []
+        self.venues_known = True  # false when `venues` itself is refused: references to venues stay quiet
+        self.withheld: set[str] = set()  # venues refused by the schema: references to them stay quiet
+        _mark_secrets(self.d, doc.interpolated)
 
     def err(self, path: Path, message: str) -> None:
         self.problems.append(self.doc.problem(path, message))
 
+    def quiet(self, path: Path, inside: bool = True) -> bool:
+        """Whether `path` (or, with inside, anything under it) was refused earlier: checks skip it
+        rather than report what follows from a problem already reported."""
+        return any(path[: len(b)] == b or (inside and b[: len(path)] == path) for b in self.doc.broken)
+
+    def items(self, path: Path, value: object) -> list[tuple[int, Any]]:
+        """The list items at `path` that no earlier problem touches, with their indexes."""
+        return [(i, v) for i, v in enumerate(value) if not self.quiet((*path, i))] if isinstance(value, list) else []
+
     def build(self) -> Spec | None:
+        """Semantic checks on every part that passed the schema; the Spec only if nothing at all failed."""
         d = self.d
         defaults = d.get("defaults", {})
-        venues = tuple(self._venue(name, raw, defaults) for name, raw in d["venues"].items())
-        self._check_ccxt(venues)
-        rollout = self._rollout(d.get("rollout"), venues) if "rollout" in d else None
-        health = self._health(d.get("health", {}))
-        sinks = tuple(
-            self._sink(i, s)
-            for i, s in enumerate(d.get("sinks", [{"type": "jsonl", "path": "data/{venue}/{date}.jsonl"}]))
+        raw_venues = d.get("venues")
+        self.venues_known = isinstance(raw_venues, dict) and not self.quiet(("venues",), inside=False)
+        venues = tuple(
+            self._venue(name, raw, defaults)
+            for name, raw in (raw_venues.items() if self.venues_known else ())
+            if not self.quiet(("venues", name)) and not self._inherits_refused(raw)
         )
+        self.withheld = set(raw_venues) - {v.name for v in venues} if self.venues_known else set()
+        self._check_ccxt(venues)
+        rollout = self._rollout(d["rollout"], venues) if self._rollout_checkable() else None
+        health = self._health(d["health"]) if isinstance(d.get("health"), dict) else Health()
+        default_sinks = [{"type": "jsonl", "path": "data/{venue}/{date}.jsonl"}]
+        sinks = tuple(self._sink(i, s) for i, s in self.items(("sinks",), d.get("sinks", default_sinks)))
+        server = self._server(d.get("server", {})) if not self.quiet(("server",)) else Server()
+        if self.problems or self.doc.broken:
+            return None
         q = d.get("queue", {})
         log = d.get("logging", {})
         sim = d.get("simulator", {})
-        server = self._server(d.get("server", {}))
-        if self.problems:
-            return None
         return Spec(
             source=self.doc.file,
             version=d["version"],
@@ -529,6 +566,7 @@ class _SpecBuilder:
             log_format=log.get("format", "text"),
             sim_seed=sim.get("seed", 1),
             sim_rate=float(sim.get("rate", 5)),
+            shutdown_deadline=units.duration(d.get("shutdown", {}).get("deadline", "20s")),
         )
 
     # -- venues ----------------------------------------------------------------------------------
@@ -542,6 +580,20 @@ class _SpecBuilder:
             return defaults[name], ("defaults", name)
         return fallback, ("venues", vname)
 
+    def _inherits_refused(self, raw: dict[str, Any]) -> bool:
+        """Whether a venue takes a setting from a part of `defaults` that was refused (backoff and
+        circuit_breaker are merged key by key, every other setting is taken whole)."""
+        for b in self.doc.broken:
+            if b[:1] != ("defaults",):
+                continue
+            if len(b) == 1 or b[1] not in raw:
+                return True
+            if b[1] in ("backoff", "circuit_breaker"):
+                own = raw[b[1]]
+                if len(b) == 2 or not isinstance(own, dict) or b[2] not in own:
+                    return True
+        return False
+
     def _venue(self, name: str, raw: dict[str, Any], defaults: dict[str, Any]) -> Venue:
         raw = {**raw, "__name__": name}
         vpath: Path = ("venues", name)
@@ -551,6 +603,7 @@ class _SpecBuilder:
         poll, _ = self._setting("poll_interval", raw, defaults, "1s")
         stale_raw, spath = self._setting("stale_after", raw, defaults, "15s")
         depth, _ = self._setting("book_depth", raw, defaults, 20)
+        close_timeout, _ = self._setting("close_timeout", raw, defaults, "5s")
         backoff = self._backoff(raw, defaults)
         cb_raw = {**defaults.get("circuit_breaker", {}), **raw.get("circuit_breaker", {})}
         breaker = CircuitBreakerSpec(
@@ -641,6 +694,7 @@ class _SpecBuilder:
             backoff=backoff,
             circuit_breaker=breaker,
             enabled=raw.get("enabled", True),
+            close_timeout=units.duration(close_timeout),
             exchange=raw.get("exchange"),
             endpoints=dict(raw.get("endpoints", {})),
             credentials=creds,
@@ -685,7 +739,7 @@ class _SpecBuilder:
         ccxt_venues = [v for v in venues if v.adapter == "ccxt" and v.enabled]
         if not ccxt_venues:
             return
-        rollout = self.d.get("rollout") or {}
+        rollout = (self.d.get("rollout") or {}) if self._rollout_checkable() else {}
         rollout_on = bool(rollout) and rollout.get("enabled", True)
         transports_of_rollout = (
             {rollout.get("baseline", "polling"), rollout.get("target", "websocket")} if rollout_on else set()
@@ -721,6 +775,11 @@ class _SpecBuilder:
 
     # -- rollout ---------------------------------------------------------------------------------
 
+    def _rollout_checkable(self) -> bool:
+        """A rollout whose transports and phase list passed the schema (single phases may not have)."""
+        keys = ("baseline", "target", "enabled", "phases")
+        return "rollout" in self.d and not any(self.quiet(("rollout", k), inside=False) for k in keys)
+
     def _rollout(self, r: dict[str, Any], venues: tuple[Venue, ...]) -> Rollout:
         by_name = {v.name: v for v in venues}
         everything = [(v.name, s) for v in venues if v.enabled for s in v.symbols]
@@ -732,6 +791,9 @@ class _SpecBuilder:
         previous: set[tuple[str, str]] = set()
         for i, p in enumerate(r["phases"]):
             ppath: Path = ("rollout", "phases", i)
+            if self.quiet(ppath):
+                previous = set()  # growth is checked again from the next phase that passed the schema
+                continue
             if p["name"] in names:
                 self.err((*ppath, "name"), f"duplicate phase name '{p['name']}' (also phases[{names[p['name']]}])")
             names.setdefault(p["name"], i)
@@ -749,8 +811,11 @@ class _SpecBuilder:
                 self.err(ppath, "missing required key 'dwell' (every phase but the last needs one)")
             dwell = units.duration(p["dwell"]) if "dwell" in p else None
             phases.append(Phase(p["name"], tuple(chosen), dwell, p.get("approval", "auto")))
-        gates = tuple(self._condition(c, ("rollout", "gates", i)) for i, c in enumerate(r.get("gates", [])))
-        for i, g in enumerate(gates):
+        gates = [
+            (i, self._condition(c, ("rollout", "gates", i)))
+            for i, c in self.items(("rollout", "gates"), r.get("gates", []))
+        ]
+        for i, g in gates:
             for ph in phases:
                 if ph.dwell is not None and g.window > ph.dwell:
                     self.err(
@@ -759,14 +824,23 @@ class _SpecBuilder:
                         f"'{ph.name}' ({units.fmt_duration(ph.dwell)}): the gate could never fill its window",
                     )
                     break
-        rollback = tuple(self._condition(c, ("rollout", "rollback", i)) for i, c in enumerate(r.get("rollback", [])))
-        rec = r.get("recovery", {})
-        recovery = Recovery(
-            units.duration(rec.get("cooldown", "30m")),
-            rec.get("restart_from", "first"),
-            rec.get("max_attempts", 3),
+        rollback = tuple(
+            self._condition(c, ("rollout", "rollback", i))
+            for i, c in self.items(("rollout", "rollback"), r.get("rollback", []))
         )
-        return Rollout(r.get("enabled", True), baseline, target, tuple(phases), gates, rollback, recovery)
+        rec = r.get("recovery", {})
+        recovery = (
+            Recovery()
+            if self.quiet(("rollout", "recovery"))
+            else Recovery(
+                units.duration(rec.get("cooldown", "30m")),
+                rec.get("restart_from", "first"),
+                rec.get("max_attempts", 3),
+            )
+        )
+        return Rollout(
+            r.get("enabled", True), baseline, target, tuple(phases), tuple(g for _, g in gates), rollback, recovery
+        )
 
     def _select(
         self, sel: Any, path: Path, by_name: dict[str, Venue], everything: list[tuple[str, str]]
@@ -802,6 +876,8 @@ class _SpecBuilder:
         return chosen
 
     def _unknown_venue(self, path: Path, name: str, by_name: dict[str, Venue]) -> None:
+        if not self.venues_known or name in self.withheld:
+            return  # the venue exists but was refused: its problems are reported where they are
         close = difflib.get_close_matches(name, list(by_name), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f" (venues: {', '.join(by_name)})"
         self.err(path, f"no venue named '{name}'{hint}")
@@ -828,7 +904,12 @@ class _SpecBuilder:
     # -- the rest --------------------------------------------------------------------------------
 
     def _health(self, h: dict[str, Any]) -> Health:
-        checks = tuple(self._condition(c, ("health", "checks", i)) for i, c in enumerate(h.get("checks", [])))
+        checks = tuple(
+            self._condition(c, ("health", "checks", i))
+            for i, c in self.items(("health", "checks"), h.get("checks", []))
+        )
+        if self.quiet(("health",)):
+            return Health(checks=checks)  # no Spec is built; the checks above are what could still be checked
         hook = h.get("alerts", {}).get("webhook")
         webhook = None
         if isinstance(hook, str) and hook:
@@ -874,7 +955,26 @@ class _SpecBuilder:
                 ("server", "listen"),
                 f"listening on {host} (not loopback) requires server.token, e.g. token: ${{FEEDRUNNER_TOKEN}}",
             )
-        return Server(s.get("enabled", True), host.strip("[]"), port, token)
+        allowed = tuple(h.lower() for h in s.get("allowed_hosts", ()))
+        for i, entry in enumerate(allowed):
+            _, colon, entry_port = entry.rpartition(":")
+            if colon and "]" not in entry_port and int(entry_port) > 65535:
+                self.err(("server", "allowed_hosts", i), f"port {entry_port} is out of range (0-65535)")
+        timeout = units.duration(s.get("header_timeout", "10s"))
+        return Server(
+            s.get("enabled", True), host.strip("[]"), port, token, allowed, timeout, s.get("max_connections", 64)
+        )
+
+
+def _mark_secrets(data: object, interpolated: Mapping[Path, str]) -> None:
+    """Every string that came from ${VAR} becomes a Secret wherever it lands (a state URL, an endpoint,
+    a host), so /config shows its fingerprint only. Numbers and booleans coerced from one stay as they are."""
+    for path in interpolated:
+        parent = _at(data, path[:-1])
+        if isinstance(parent, dict) and isinstance(parent.get(path[-1]), str):
+            parent[path[-1]] = Secret(parent[path[-1]])
+        elif isinstance(parent, list) and isinstance(path[-1], int) and isinstance(parent[path[-1]], str):
+            parent[path[-1]] = Secret(parent[path[-1]])
 
 
 def _is_ib_fx(symbol: str, contract: IbContract | None) -> bool:

@@ -30,15 +30,36 @@ def _target(args: argparse.Namespace) -> tuple[str, str | None] | None:
     return f"http://{host}:{spec.server.port}", token or (spec.server.token.reveal() if spec.server.token else None)
 
 
-def _call(url: str, token: str | None, method: str = "GET") -> tuple[int, Any]:
-    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+def _call(url: str, token: str | None, method: str = "GET", body: Any = None) -> tuple[int, Any]:
+    """One request as the control server wants it: X-Feedrunner on every call (the server requires it on
+    every state-changing one), the bearer token when there is one."""
+    data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
+    req = urllib.request.Request(url, method=method, data=data, headers={"X-Feedrunner": "1"})
+    if body is not None:
+        req.add_header("Content-Type", "application/json")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
+        text = exc.read()
+        try:
+            return exc.code, json.loads(text or b"{}")
+        except ValueError:
+            return exc.code, {"error": f"{exc.code} {exc.reason}"}
+
+
+def _fingerprints(base: str, token: str | None, values: list[str]) -> tuple[int, Any]:
+    """The running runner's fingerprints of `values` as {value: fingerprint}, or the error it answered."""
+    out: dict[str, str] = {}
+    for i in range(0, len(values), 64):  # the server's limit per request
+        chunk = values[i : i + 64]
+        code, body = _call(f"{base}/config/fingerprints", token, "POST", {"values": chunk})
+        if code != 200:
+            return code, body
+        out.update(zip(chunk, body["fingerprints"], strict=True))
+    return 200, out
 
 
 def command(args: argparse.Namespace) -> int:
@@ -109,6 +130,17 @@ def render_status(s: dict[str, Any]) -> str:
             )
     for name, why in s.get("skipped", {}).items():
         lines.append(f"{name}  skipped: {why}")
+    for name, k in s.get("sinks", {}).items():
+        line = f"sink {name}  {k['state']}  written {k['events_written']}  failed {k['events_failed_total']}"
+        if k["state"] == "failing":
+            since = time.strftime("%H:%M:%S", time.localtime(k["since"]))
+            shown = k["failing_paths"]
+            paths = ", ".join(shown) + (" ..." if k["failing_path_count"] > len(shown) else "")
+            line += (
+                f"\n  FAILING since {since} on {k['failing_path_count']} path(s): {paths}"
+                f"\n  {k['events_failed']} events failed in this episode; last error: {k['last_error']}"
+            )
+        lines.append(line)
     lines.append(render_rollout(s.get("rollout")))
     if s.get("next_evaluation"):
         lines.append(f"next evaluation in {max(0.0, s['next_evaluation'] - time.time()):.0f}s")
@@ -117,7 +149,7 @@ def render_status(s: dict[str, Any]) -> str:
 
 def plan(args: argparse.Namespace) -> int:
     """Like `terraform plan -detailed-exitcode`: 0 no change, 2 changes, 78 invalid, 69 no runner."""
-    from feedrunner.plan import diff, spec_to_dict
+    from feedrunner.plan import diff, secrets_in, spec_to_dict
     from feedrunner.spec import check_file
 
     spec, problems = check_file(args.file)
@@ -132,13 +164,16 @@ def plan(args: argparse.Namespace) -> int:
     base, token = target
     try:
         code, running = _call(f"{base}/config", token)
+        answer = running
+        if code == 200:  # the runner fingerprints under its own key (see feedrunner.plan): ask for the file's
+            code, answer = _fingerprints(base, token, sorted(secrets_in(spec)))
     except (urllib.error.URLError, OSError) as exc:
         print(f"feedrunner: no runner answers at {base}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
         return EX_UNAVAILABLE
     if code != 200:
-        print(f"feedrunner: {running.get('error', code)}", file=sys.stderr)
+        print(f"feedrunner: {answer.get('error', code)}", file=sys.stderr)
         return EX_UNAVAILABLE
-    changes = diff(running, spec_to_dict(spec))
+    changes = diff(running, spec_to_dict(spec, answer.__getitem__))
     if args.json:
         print(json.dumps([c.as_dict() for c in changes], indent=2))
     elif not changes:
