@@ -13,7 +13,7 @@ import ipaddress
 import json
 import re
 import string
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path as FsPath
@@ -514,7 +514,7 @@ class _SpecBuilder:
         self.problems: list[Problem] = []
         self.venues_known = True  # false when `venues` itself is refused: references to venues stay quiet
         self.withheld: set[str] = set()  # venues refused by the schema: references to them stay quiet
-        _mark_secrets(self.d, doc.interpolated)
+        _mark_secrets(self.d, doc.from_env)
 
     def err(self, path: Path, message: str) -> None:
         self.problems.append(self.doc.problem(path, message))
@@ -966,10 +966,12 @@ class _SpecBuilder:
         )
 
 
-def _mark_secrets(data: object, interpolated: Mapping[Path, str]) -> None:
-    """Every string that came from ${VAR} becomes a Secret wherever it lands (a state URL, an endpoint,
-    a host), so /config shows its fingerprint only. Numbers and booleans coerced from one stay as they are."""
-    for path in interpolated:
+def _mark_secrets(data: object, from_env: Iterable[Path]) -> None:
+    """Every string that took a value from the environment through ${VAR} becomes a Secret wherever it
+    lands (a state URL, an endpoint, a host), so /config shows its fingerprint only. A ${VAR:-default}
+    whose default was used was written in the file and stays plain; numbers and booleans coerced from
+    one stay as they are."""
+    for path in from_env:
         parent = _at(data, path[:-1])
         if isinstance(parent, dict) and isinstance(parent.get(path[-1]), str):
             parent[path[-1]] = Secret(parent[path[-1]])

@@ -78,7 +78,8 @@ class Document:
     data: object
     marks: dict[Path, tuple[int, int]] = field(default_factory=dict)  # 1-based (line, column)
     interpolated: dict[Path, str] = field(default_factory=dict)  # path -> variable names used
-    secrets: set[str] = field(default_factory=set)  # interpolated values, scrubbed from any message
+    from_env: set[Path] = field(default_factory=set)  # paths with a value that came from the environment
+    secrets: set[str] = field(default_factory=set)  # values from the environment, scrubbed from any message
     broken: set[Path] = field(default_factory=set)  # paths already reported; later checks stay quiet there
 
     def locate(self, path: Path) -> tuple[int, int]:
@@ -186,8 +187,10 @@ class _Builder:
 
     def _interpolate(self, text: str, path: Path, mark: yaml.Mark) -> str:
         names: list[str] = []
+        from_env = False
 
         def sub(m: re.Match[str]) -> str:
+            nonlocal from_env
             if m.group(0) == "$$":
                 return "$"
             expr = m.group(1)
@@ -208,7 +211,8 @@ class _Builder:
                         f"environment variable {name} is not set (write ${{{name}:-default}} to make it optional)",
                     )
                     return ""
-                value = default
+                return default  # written in the file: no secret
+            from_env = True
             if value:
                 self.doc.secrets.add(value)
             return value
@@ -216,6 +220,8 @@ class _Builder:
         out = _VAR.sub(sub, text)
         if names:
             self.doc.interpolated[path] = ", ".join(names)
+        if from_env:
+            self.doc.from_env.add(path)
         return out
 
 

@@ -383,3 +383,19 @@ def test_server_limits_are_settings_with_checked_values():
     ]:
         _, problems = check_text(BASE.format(server=server, state="{}", endpoints="{}"), "feeds.yaml", {})
         assert any(where in str(p) for p in problems), (server, [str(p) for p in problems])
+
+
+def test_a_default_written_in_the_file_is_no_secret_and_a_value_from_the_environment_is(tmp_path):
+    from feedrunner.plan import spec_to_dict
+    from feedrunner.spec import check_text
+
+    text = (
+        "version: 1\nvenues: {binance: {adapter: ccxt, exchange: binance, symbols: [BTC/USDT]}}\n"
+        'state: {url: "${STATE_URL:-sqlite:///var/state.db}"}\n'
+    )
+    spec, problems = check_text(text, "f.yaml", {})
+    assert spec is not None, problems
+    assert spec_to_dict(spec)["state_url"] == "sqlite:///var/state.db"
+    spec, _ = check_text(text, "f.yaml", {"STATE_URL": "sqlite:///other.db"})
+    assert spec is not None
+    assert "other.db" not in str(spec_to_dict(spec)["state_url"])

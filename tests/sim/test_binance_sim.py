@@ -375,16 +375,21 @@ async def test_live_subscribe_unsubscribe_and_errors() -> None:
 
 @pytest.mark.parametrize(("fault", "code"), [("drop", 1000), ("reset", 1006)])
 async def test_drop_and_reset_then_next_watch_reconnects(fault: str, code: int) -> None:
-    async with venue(["BTC/USDT"]) as sim, pro(sim) as ex:
+    async with venue(["BTC/USDT"]) as sim, pro(sim) as ex, raw_ws(sim.ws_url + "/ws/btcusdt@trade") as ws:
         before = await w(ex.watch_trades("BTC/USDT"))
+        await recv_json(ws)
         pending = asyncio.ensure_future(ex.watch_trades("BTC/USDT"))
         await asyncio.sleep(0)
         sim.inject(fault)
-        with pytest.raises(ccxt.NetworkError, match=f"closing code {code}"):
+        with pytest.raises(ccxt.NetworkError):
             await w(pending)
+        while (msg := await w(ws.receive())).type is aiohttp.WSMsgType.TEXT:
+            pass
+        closed = msg.data if msg.type is aiohttp.WSMsgType.CLOSE else 1006
+        assert closed == code  # a close frame with 1000, or the TCP connection cut (1006)
         after = await w(ex.watch_trades("BTC/USDT"))  # ccxt dials again on the next watch
         assert int(after[-1]["id"]) > int(before[-1]["id"])
-        assert sim.stats["connections_total"] == 2 and sim.stats["faults_injected"] == {fault: 1}
+        assert sim.stats["connections_total"] == 3 and sim.stats["faults_injected"] == {fault: 1}
 
 
 async def test_stall_keeps_socket_open_and_rest_backfills_the_hole() -> None:
@@ -443,13 +448,18 @@ async def test_ratelimit_429_then_418_and_ws_handshake_429() -> None:
     async with venue(["BTC/USDT"]) as sim, pro(sim) as ex, pro(sim) as ex2:
         sim.inject("ratelimit", 1.0)
         statuses = []
-        for _ in range(5):
-            with pytest.raises(ccxt.DDoSProtection) as err:
-                await w(ex.fetch_ticker("BTC/USDT"))
-            statuses.append(str(err.value).split()[1])
-            assert int(ex.last_response_headers["Retry-After"]) >= 1
-        assert statuses == ["429", "429", "429", "418", "418"]
-        with pytest.raises(ccxt.NetworkError, match="429"):
+        async with aiohttp.ClientSession() as session:
+            for _ in range(5):
+                async with session.get(sim.rest_url + "/api/v3/ticker/24hr?symbol=BTCUSDT") as r:
+                    statuses.append(r.status)
+                    assert int(r.headers["Retry-After"]) >= 1
+            async with session.get(sim.ws_url.replace("ws", "http", 1) + "/ws/btcusdt@trade") as r:
+                handshake = r.status
+        assert statuses == [429, 429, 429, 418, 418]
+        assert handshake == 429
+        with pytest.raises(ccxt.DDoSProtection):  # what the adapter's rate-limit handling relies on
+            await w(ex.fetch_ticker("BTC/USDT"))
+        with pytest.raises(ccxt.NetworkError):
             await w(ex2.watch_trades("BTC/USDT"))
         await asyncio.sleep(1.05)
         assert (await w(ex.fetch_ticker("BTC/USDT")))["symbol"] == "BTC/USDT"
@@ -463,13 +473,16 @@ async def test_reject_symbol() -> None:
             await recv_until(ws, lambda m: m["stream"] == "ethusdt@trade")
             sim.inject("reject_symbol", 1.0, "ETH/USDT")
             cutoff = int(time.time() * 1000) + 20  # frames stamped earlier may still be in the socket
-            with pytest.raises(ccxt.BadSymbol, match="-1121"):
+            with pytest.raises(ccxt.BadSymbol):
                 await w(ex.fetch_ticker("ETH/USDT"))
+            async with aiohttp.ClientSession() as session:
+                async with session.get(sim.rest_url + "/api/v3/ticker/24hr?symbol=ETHUSDT") as r:
+                    assert (r.status, (await r.json())["code"]) == (400, -1121)
             with pytest.raises(ccxt.BadSymbol):
                 await w(ex.fetch_order_book("ETH/USDT"))
             info = await w(ex.public_get_exchangeinfo())
             assert [s["symbol"] for s in info["symbols"]] == ["BTCUSDT"]
-            with pytest.raises(ccxt.ExchangeError, match="invalid stream"):
+            with pytest.raises(ccxt.ExchangeError):
                 await w(ex.watch_trades("ETH/USDT"))
             window: list[str] = []
             with contextlib.suppress(asyncio.TimeoutError):
@@ -490,7 +503,7 @@ async def test_refuse_new_connections_until_it_ends() -> None:
         await asyncio.sleep(0.05)
         with pytest.raises(ccxt.ExchangeNotAvailable):
             await w(ex2.fetch_ticker("BTC/USDT"))
-        with pytest.raises(ccxt.NetworkError, match="Connect call failed"):
+        with pytest.raises(ccxt.NetworkError):
             await w(ex2.watch_trades("ETH/USDT"))
         assert (await w(ex.watch_trades("BTC/USDT")))[-1]["symbol"] == "BTC/USDT"  # open socket survives
         await wait_listening(sim)
