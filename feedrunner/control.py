@@ -3,14 +3,16 @@
 Binds where server.listen says (loopback by default). Every request passes, in order:
 - Host: it must name the listen address (127.0.0.1, localhost and [::1] are equivalent on loopback) or
   an entry of server.allowed_hosts, else 421; a page on another site that rebinds its DNS name to us
-  (DNS rebinding) is refused. The probes answer any Host: Kubernetes probes send the pod IP, which no
-  config can list, and a probe answers, without a token, only what any client of the port can ask.
+  (DNS rebinding) is refused. The probes answer any Host, since Kubernetes probes send the pod IP, which
+  no config can list; to a Host not allowed they answer with the status code alone, so a rebinding page
+  learns nothing of the reasons (sink paths, venue errors).
 - Origin: present and not this server's own origin (http[s]://<Host>): 403, so no other site's page
   drives it (CSRF).
 - the bearer token, when one is set (not on the probes): `Authorization: Bearer <token>`, the scheme in
   any case, compared as bytes in constant time; anything else 401.
-- anything but GET and HEAD (every call that changes state) needs the header `X-Feedrunner: 1`, which
-  no HTML form or simple cross-site request can send: 403 without it.
+- anything but GET and HEAD (every call that changes state) needs a non-empty `X-Feedrunner` header
+  (the CLI sends `X-Feedrunner: 1`), which no HTML form or simple cross-site request can send: 403
+  without it.
 Connections are bounded too: server.max_connections at once (one more gets 503 and is closed) and
 server.header_timeout to send a complete request head (408 and closed), so slow clients cannot hold it.
 Every refusal is one log line and a count in feedrunner_http_rejected_total{reason}; aiohttp's own
@@ -277,7 +279,7 @@ class ControlServer:
         """(reason, status, message) when the request is refused, else None."""
         hosts = request.headers.getall("Host", [])
         host = _authority(hosts[0]) if len(hosts) == 1 else None
-        if request.path not in OPEN_PATHS and (host is None or not self._host_allowed(host)):
+        if request.path not in OPEN_PATHS and not self._named(request):
             return "host", 421, "this server does not answer for that Host"
         origin = request.headers.get("Origin")
         if origin is not None:
@@ -341,7 +343,16 @@ class ControlServer:
 
     async def _readyz(self, request: web.Request) -> web.Response:
         problems = self.runner.not_ready()
-        return _json({"ready": not problems, "problems": problems}, 200 if not problems else 503)
+        status = 200 if not problems else 503
+        if not self._named(request):
+            return web.Response(status=status)
+        return _json({"ready": not problems, "problems": problems}, status)
+
+    def _named(self, request: web.Request) -> bool:
+        """Does the request's Host name this server (what every path but the probes requires)?"""
+        hosts = request.headers.getall("Host", [])
+        host = _authority(hosts[0]) if len(hosts) == 1 else None
+        return host is not None and self._host_allowed(host)
 
     async def _status(self, request: web.Request) -> web.Response:
         return _json(self.runner.status())

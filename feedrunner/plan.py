@@ -77,7 +77,9 @@ RESTART_FIELDS = (
 FINGERPRINT_BUDGET = 256  # secret values /config/fingerprints answers per minute
 _KEY = secrets.token_bytes(32)  # per process; never leaves it
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@]*):[^@]*@")  # SQLAlchemy's reading: a password may hold '/'
-_QUERY_SECRET = re.compile(r"([?&;](?:password|passwd|pwd|pass|secret|token|api_?key|access_token|auth)=)[^&;#]*", re.I)
+_QUERY_SECRET = re.compile(
+    r"([?&;](?:password|sslpassword|passwd|pwd|pass|secret|token|api_?key|access_token|auth)=)[^&;#]*", re.I
+)
 
 
 def fingerprint(value: str) -> str:

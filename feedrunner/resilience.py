@@ -199,15 +199,16 @@ def sequence_step(
     """Classify trade id `new` against `last`, the last delivered id of its symbol.
 
     A repeat carries the venue time it had when first delivered, so a trade no newer than the last one is a
-    duplicate whatever its id. Otherwise an id that went back is a renumbering venue when it went back far
-    (more than `reset_after`), or when it is the first trade since a reconnect (`armed`): a restarted venue
-    or gateway numbers from wherever it likes, and dropping its trades as repeats would lose all of them.
+    duplicate whatever its id, and one newer than it with a lower id can only come from a renumbered tape.
+    Without both times, an id that went back is a renumbering venue when it went back far (more than
+    `reset_after`), or when it is the first trade since a reconnect (`armed`): a restarted venue or gateway
+    numbers from wherever it likes, and dropping its trades as repeats would lose all of them.
     """
     if new > last:
         return Seq.NEXT
     if new == last or (ts and last_ts and ts <= last_ts):
         return Seq.DUPLICATE
-    if armed or last - new > reset_after:
+    if (ts and last_ts) or armed or last - new > reset_after:
         return Seq.RESET
     return Seq.DUPLICATE
 

@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -28,6 +27,7 @@ from loguru import logger
 
 from feedrunner.health import SLACK, Health, Reading
 from feedrunner.spec import Condition, Rollout, Spec
+from feedrunner.statelock import sqlite_path
 from feedrunner.units import fmt_duration
 
 
@@ -80,11 +80,25 @@ HISTORY_TABLE = sa.Table(
 
 
 def engine_for(url: str) -> sa.Engine:
-    if url.startswith("sqlite:///") and not url.startswith("sqlite:////") and url != "sqlite:///:memory:":
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    elif url.startswith("sqlite:////"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    return sa.create_engine(url, future=True)
+    """The state store's engine. SQLite gets its directory made; PostgreSQL bounded connects and
+    statements and TCP keepalives, so a partition fails a call in seconds instead of hanging it."""
+    parsed = sa.engine.make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        path = sqlite_path(parsed)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        return sa.create_engine(url)
+    if parsed.get_backend_name() == "postgresql":
+        args = {
+            "connect_timeout": 10,
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+            "options": "-c statement_timeout=10000",
+        }
+        return sa.create_engine(url, connect_args=args, pool_pre_ping=True)
+    return sa.create_engine(url)
 
 
 class Store:

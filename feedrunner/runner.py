@@ -82,6 +82,8 @@ class Runner:
         self._stored: Checkpoints = {}  # trade checkpoints loaded at start, seeded into each venue once
         self._checkpointer: asyncio.Task[None] | None = None
         self.started = False  # /readyz says "starting" until every venue and job is set up
+        self.stopping = False
+        self.store_lost = False  # another runner took the state store: write nothing more to it
         self.fatal: Callable[[str], None] = lambda why: None  # serve() stops the process on it
         self._seen_counts: dict[tuple[str, str], float] = {}
         self.engine: sa.Engine | None = None
@@ -300,6 +302,10 @@ class Runner:
         """Validate fully first; an invalid file is rejected and the running config stays."""
         from feedrunner.spec import check_file
 
+        if not self.started or self.stopping:  # a reload racing start or stop would add a venue twice
+            why = "starting" if not self.started else "stopping"
+            logger.warning("reload refused: the runner is {}", why)
+            return "invalid", [], [f"the runner is {why}: reload again once it runs"]
         async with self._reload_lock:
             path = path or self.spec.source
             try:
@@ -319,6 +325,9 @@ class Runner:
             logger.error("  {}", p)
 
     async def stop(self) -> None:
+        """Scheduler, server and timers first; then the venues (concurrently, within half the shutdown
+        deadline, so the drain and flush always get the rest); then the queue into the sinks."""
+        self.stopping = True
         if self.scheduler is not None:
             with contextlib.suppress(Exception):
                 self.scheduler.shutdown(wait=False)
@@ -331,16 +340,22 @@ class Runner:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         # Concurrently: each adapter's stop is bounded by its close_timeout, and in sequence they would add up.
-        await asyncio.gather(*(a.stop() for a in self.adapters.values()))
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(a.stop() for a in self.adapters.values())), self.spec.shutdown_deadline / 2
+            )
+        except TimeoutError:
+            logger.error("venues still stopping after {:g}s: draining without them", self.spec.shutdown_deadline / 2)
+        snap, mark = self._snapshot(), self.pipeline.accepted  # what was handed to the queue by now
         await self.pipeline.drain_and_close()
-        if self.checkpoints is not None:
-            await self._save_checkpoints(self._snapshot())
+        if self.checkpoints is not None and self.pipeline.durable >= mark and not self.store_lost:
+            await self._save_checkpoints(snap)
         await self.alerts.stop()
         for sim in self.sims:
             with contextlib.suppress(Exception):
                 await sim.stop()
         if self.lock is not None:
-            self.lock.release()
+            await asyncio.to_thread(self.lock.release)
         if self.engine is not None:
             self.engine.dispose()
         logger.info("runner stopped: {} events written", self.pipeline.written)
@@ -431,10 +446,11 @@ class Runner:
         took it meanwhile, since two runners would overwrite each other's rollout."""
         assert self.lock is not None
         logger.error("state store lock lost ({}): claiming it again", redact(self.spec.state_url))
-        self.lock.release()
+        await asyncio.to_thread(self.lock.release)
         try:
             await asyncio.to_thread(self.lock.acquire)
         except StoreBusy as exc:
+            self.store_lost = True
             self.fatal(str(exc))
         except sa.exc.SQLAlchemyError as exc:
             logger.error("state store unreachable: {}; next try in 5s", exc.__class__.__name__)
@@ -623,7 +639,7 @@ async def serve(spec: Spec, watch: bool = False) -> int:
         logger.error("cannot open the state store {}: {}", redact(spec.state_url), exc.__class__.__name__)
         return 69
     finally:
-        _exit_after(spec.shutdown_deadline + EXIT_GRACE)
+        timer = _exit_after(spec.shutdown_deadline + EXIT_GRACE)
         for task in (watcher, freezer):
             if task is not None:
                 task.cancel()
@@ -631,6 +647,7 @@ async def serve(spec: Spec, watch: bool = False) -> int:
             await asyncio.wait_for(runner.stop(), spec.shutdown_deadline)
         except TimeoutError:
             logger.error("shutdown passed its {:g}s deadline: exiting with what is flushed", spec.shutdown_deadline)
+        timer.cancel()
     return 69 if failure else 0
 
 
@@ -639,7 +656,7 @@ RELOAD_TIMEOUT = 30.0  # seconds a reload may take to read and check feeds.yaml
 EXIT_GRACE = 5.0  # seconds past shutdown.deadline before the process exits whatever is still running
 
 
-def _exit_after(seconds: float) -> None:
+def _exit_after(seconds: float) -> threading.Timer:
     """Shutdown must not depend on threads: a reload blocked in open(), a client library's thread, the
     executor join at interpreter exit. A daemon timer ends the process if it is still here by then."""
 
@@ -650,6 +667,7 @@ def _exit_after(seconds: float) -> None:
     timer = threading.Timer(seconds, force)
     timer.daemon = True
     timer.start()
+    return timer
 
 
 def run(spec: Spec, watch: bool = False) -> int:
@@ -660,10 +678,16 @@ def run(spec: Spec, watch: bool = False) -> int:
         loop.run_until_complete(loop.shutdown_asyncgens())
     finally:
         loop.close()
-    # Not asyncio.run, and no plain return: both join worker threads (the default executor's at loop
-    # close, every non-daemon one at interpreter exit), and a thread stuck in a blocking call (a FIFO's
-    # open, a dead NFS read, a client library's socket) would hold the process forever.
-    stuck = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    # Not asyncio.run, and no plain return: asyncio.run joins the default executor's threads and the
+    # interpreter every non-daemon one at exit, and a thread stuck in a blocking call (a FIFO's open, a
+    # dead NFS read, a client library's socket) would hold the process forever.
+    deadline = time.monotonic() + 1.0  # loop.close() told idle executor threads to end: let them
+    stuck = []
+    for t in threading.enumerate():
+        if t is not threading.main_thread() and not t.daemon:
+            t.join(max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                stuck.append(t.name)
     if stuck:
         logger.warning("exiting past {} blocked thread(s): {}", len(stuck), ", ".join(stuck[:5]))
         logger.complete()

@@ -956,6 +956,11 @@ class _SpecBuilder:
                 f"listening on {host} (not loopback) requires server.token, e.g. token: ${{FEEDRUNNER_TOKEN}}",
             )
         allowed = tuple(h.lower() for h in s.get("allowed_hosts", ()))
+        if "*" in allowed and token is None:
+            self.err(
+                ("server", "allowed_hosts", allowed.index("*")),
+                "'*' answers any Host, which lets a rebinding web page in: it requires server.token",
+            )
         for i, entry in enumerate(allowed):
             _, colon, entry_port = entry.rpartition(":")
             if colon and "]" not in entry_port and int(entry_port) > 65535:

@@ -17,6 +17,8 @@ from pathlib import Path
 import sqlalchemy as sa
 from loguru import logger
 
+from feedrunner.plan import mask_url
+
 PG_LOCK = (0x66726E72, 1)  # ("frnr", 1): the two-int form shows as classid/objid in pg_locks
 
 
@@ -25,11 +27,20 @@ class StoreBusy(Exception):
 
 
 def redact(url: str) -> str:
-    """The URL without its credentials, for messages."""
-    try:
-        return sa.engine.make_url(url).render_as_string(hide_password=True)
-    except sa.exc.ArgumentError:
-        return url.split("@")[-1]
+    """The URL without its credentials (user:password@ and password-like query values), for messages."""
+    return mask_url(url)
+
+
+def sqlite_path(url: sa.engine.URL) -> Path | None:
+    """The file of a SQLite URL, `file:` URIs included; None for an in-memory database."""
+    database = url.database or ""
+    if database.startswith("file:"):
+        database = database.removeprefix("file:").split("?", 1)[0]
+        if database.startswith("//"):  # file://host/path: the host part is empty or localhost
+            database = "/" + database[2:].split("/", 1)[-1]
+    if not database or database == ":memory:" or url.query.get("mode") == "memory":
+        return None
+    return Path(database)
 
 
 class StoreLock:
@@ -66,10 +77,10 @@ class StoreLock:
         self._pg = conn
 
     def _acquire_sqlite(self) -> None:
-        database = self.engine.url.database
-        if not database or database == ":memory:" or database.startswith("file:"):
-            return
-        path = Path(database + ".lock")
+        database = sqlite_path(self.engine.url)
+        if database is None:
+            return  # in memory: no other process can open it
+        path = database.with_name(database.name + ".lock")
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
         try:
@@ -80,13 +91,21 @@ class StoreLock:
         self._sqlite = conn
 
     def held(self) -> bool:
-        """Still ours? A PostgreSQL session that died (a server restart) took the lock with it."""
+        """Still ours? A PostgreSQL session that died (a server restart) took the lock with it, and a
+        pooler may hand out another backend: ask for the lock on this very session."""
         if self._pg is not None:
             try:
-                self._pg.execute(sa.text("SELECT 1")).scalar()
+                mine = self._pg.execute(
+                    sa.text(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = :a AND objid = :b "
+                        "AND granted AND pid = pg_backend_pid()"
+                    ),
+                    {"a": PG_LOCK[0], "b": PG_LOCK[1]},
+                ).scalar()
                 self._pg.commit()
             except sa.exc.SQLAlchemyError:
                 return False
+            return bool(mine)
         return True
 
     def release(self) -> None:

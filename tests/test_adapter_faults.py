@@ -290,7 +290,7 @@ async def test_ccxt_stop_is_bounded_when_the_venue_never_answers_the_close(logs)
         adapter.apply({"BTC/USDT": "websocket"})
         await wait_until(lambda: len(out.of(Trade)) >= 20, 10, "trades from the stubborn venue")
         started = time.monotonic()
-        await asyncio.wait_for(adapter.stop(), 10)  # before the deadline existed: hung here for good
+        await asyncio.wait_for(adapter.stop(), 10)  # an unbounded close would hang here
         took = time.monotonic() - started
         assert venue.closes_asked == 1  # the close frame went out, and was never answered
         assert took < 1.0 + 0.6, f"stop took {took:.2f}s with close_timeout 1s"
@@ -316,7 +316,7 @@ async def test_every_adapter_stop_is_bounded_by_close_timeout(logs):
     await adapter.start()
     started = time.monotonic()
     await asyncio.wait_for(adapter.stop(), 5)
-    assert time.monotonic() - started < 0.3 + 0.1
+    assert time.monotonic() - started < 0.3 + 0.7  # the bound, with room for a loaded machine
     assert sample(adapter, "feedrunner_close_timeouts_total") == 1
     assert adapter.conn.state.value == "disconnected"
     assert [m for m in logs if "close cut short" in m and "close_timeout 0.3s" in m]

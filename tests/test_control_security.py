@@ -226,7 +226,10 @@ async def test_only_hosts_naming_the_server_are_answered_and_probes_answer_any()
         ]:
             assert (await exchange(port, request(port, path="/config", host=host)))[0] == want, host
         assert (await exchange(port, request(port, path="/healthz", host="10.1.2.3:9108")))[0] == 200  # kubelet
-        assert (await exchange(port, request(port, path="/readyz", host="10.1.2.3:9108")))[0] == 200
+        status, body = await exchange(port, request(port, path="/readyz", host="10.1.2.3:9108"))
+        assert (status, body) == (200, b"")  # the status for the kubelet, no reasons for a rebinding page
+        status, body = await exchange(port, request(port, path="/readyz"))
+        assert status == 200 and b"ready" in body
         assert r.rejected("host") == 3
 
 
@@ -336,7 +339,7 @@ async def test_slow_request_heads_are_closed_and_connections_are_capped():
         start = time.monotonic()
         status, _ = await exchange(port, request(port), timeout=1)  # one beyond the cap
         refused_in = time.monotonic() - start
-        assert status == 503 and refused_in < 0.5
+        assert status == 503 and refused_in < timeout  # at once, not after a header timeout
 
         answers = await asyncio.gather(*(asyncio.wait_for(r.read(), 3 * timeout) for r, _ in slow))
         closed_after = time.monotonic() - opened
@@ -344,7 +347,7 @@ async def test_slow_request_heads_are_closed_and_connections_are_capped():
         for _, w in slow:
             w.close()
         assert all(a.startswith(b"HTTP/1.1 408") for a in answers)
-        assert timeout <= closed_after < 2 * timeout + 0.2
+        assert timeout <= closed_after < 3 * timeout
         await asyncio.sleep(0.05)
         assert (await exchange(port, request(port)))[0] == 200  # capacity is back
         assert runner.rejected("header_timeout") == cap and runner.rejected("connection_cap") == 1
@@ -370,7 +373,8 @@ async def test_a_kept_alive_connection_gets_the_same_deadline_for_its_next_head(
 
 def test_server_limits_are_settings_with_checked_values():
     spec = spec_of(
-        server='{listen: "127.0.0.1:0", header_timeout: 2s, max_connections: 8, allowed_hosts: ["Feeds.Internal", "*"]}'
+        server='{listen: "127.0.0.1:0", header_timeout: 2s, max_connections: 8, allowed_hosts: ["Feeds.Internal", "*"],'
+        " token: t0k3n-value}"
     )
     s = spec.server
     assert (s.header_timeout, s.max_connections, s.allowed_hosts) == (2.0, 8, ("feeds.internal", "*"))
@@ -380,6 +384,7 @@ def test_server_limits_are_settings_with_checked_values():
         ("{max_connections: 0}", "server.max_connections: must be >= 1"),
         ('{allowed_hosts: ["bad host"]}', "server.allowed_hosts[0]: must be a host name"),
         ('{allowed_hosts: ["h:70000"]}', "server.allowed_hosts[0]: port 70000 is out of range"),
+        ('{allowed_hosts: ["*"]}', "server.allowed_hosts[0]: '*' answers any Host"),
     ]:
         _, problems = check_text(BASE.format(server=server, state="{}", endpoints="{}"), "feeds.yaml", {})
         assert any(where in str(p) for p in problems), (server, [str(p) for p in problems])

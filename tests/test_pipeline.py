@@ -173,3 +173,35 @@ def test_stray_task_errors_reach_the_log_not_stderr() -> None:
         logger.remove(sink_id)
     assert ("DEBUG", "asyncio: Task exception was never retrieved: Cannot write to closing transport") in lines
     assert ("ERROR", "asyncio: Task exception was never retrieved") in lines
+
+
+async def test_flushed_waits_for_what_was_accepted_to_be_written_and_flushed() -> None:
+    """A trade checkpoint waits on this: an id may be stored only once its trade is on disk."""
+
+    class Flushing(Memory):
+        def __init__(self) -> None:
+            super().__init__()
+            self.flushed_ids: list[str | None] = []
+
+        def flush(self) -> None:
+            self.flushed_ids = list(self.ids)
+
+    sink = Flushing()
+    pipe = Pipeline(spec("{size: 100, overflow: block}"), [sink], Metrics())
+    await pipe.put([trade(i) for i in range(5)])
+    mark = pipe.accepted
+    waiting = asyncio.ensure_future(pipe.flushed(mark))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()  # queued, not written
+    pipe._write(pipe._take(100))
+    await asyncio.sleep(0.01)
+    assert not waiting.done() and sink.ids  # written, not flushed
+    await pipe.put([trade(5)])  # arrives after the mark: the flush must not wait for it
+    pipe._flush()
+    await asyncio.wait_for(waiting, 1)
+    assert sink.flushed_ids[:5] == [str(i) for i in range(5)]
+    later = asyncio.ensure_future(pipe.flushed(pipe.accepted))
+    await asyncio.sleep(0.01)
+    assert not later.done()
+    await pipe.drain_and_close()  # closing flushes everything
+    await asyncio.wait_for(later, 1)

@@ -102,3 +102,11 @@ def test_watchdog_catches_no_first_message_and_silence():
     w.disarm(("BTC/USDT", "trades"))
     w.seen(("X", "y"))  # unknown keys are ignored
     assert [k for k, _ in w.stale()] == [("ETH/USDT", "trades")]
+
+
+def test_a_lower_id_with_a_newer_venue_time_is_a_renumbered_tape_not_a_repeat():
+    from feedrunner.resilience import Seq, sequence_step
+
+    assert sequence_step(5000, 4500, armed=False, last_ts=1000, ts=2000) is Seq.RESET
+    assert sequence_step(5000, 4500, armed=False, last_ts=1000, ts=1000) is Seq.DUPLICATE  # a replayed print
+    assert sequence_step(5000, 4500, armed=False) is Seq.DUPLICATE  # no times, no reconnect, a small step

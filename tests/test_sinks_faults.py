@@ -295,7 +295,7 @@ state: {{url: "sqlite:///{tmp_path}/state.db"}}
         _, status = await asyncio.to_thread(get, "/status")
         row = status["sinks"][name]
         assert row["state"] == "failing" and row["events_failed"] > 0 and row["failing_paths"] == [str(bad)]
-        assert row["since"] and "Is a directory" in row["last_error"] and row["events_written"] > 0
+        assert row["since"] and str(bad) in row["last_error"] and row["events_written"] > 0
         printed = render_status(status)
         assert f"sink {name}  failing" in printed and "FAILING since" in printed and str(bad) in printed
 
@@ -308,3 +308,22 @@ state: {{url: "sqlite:///{tmp_path}/state.db"}}
     finally:
         await runner.stop()
     assert ids(tmp_path / "out" / "BTC-USDT.jsonl")
+
+
+def test_a_failing_path_nothing_is_sent_to_any_more_stops_failing_the_sink(tmp_path: Path, monkeypatch):
+    """Yesterday's file, or a symbol a reload removed: the sink is judged by what it must write now."""
+    import feedrunner.sinks.base as base
+
+    sink = jsonl(tmp_path)
+    (tmp_path / "out" / "ETH-USDT.jsonl").mkdir(parents=True)
+    sink.write([trade(1, "ETH/USDT")])
+    sink.flush()
+    assert sink.state.failing
+    clock = [base.time.monotonic()]
+    monkeypatch.setattr(base.time, "monotonic", lambda: clock[0])
+    clock[0] += base.FORGET_AFTER / 2
+    sink.flush()
+    assert sink.state.failing  # still asked for recently enough
+    clock[0] += base.FORGET_AFTER
+    sink.flush()
+    assert not sink.state.failing and sink.state.problem() is None

@@ -122,7 +122,7 @@ def test_sigterm_exits_while_a_reload_is_blocked_on_a_fifo(tmp_path: Path):
         time.sleep(1.0)
         assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)  # before: never, SIGTERM waited on the reload thread
+        _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
         assert "Traceback" not in err
     finally:
@@ -149,3 +149,61 @@ def test_postgres_advisory_lock_admits_one_runner_and_is_reclaimed_after_a_lost_
         b.release()
         a_engine.dispose()
         b_engine.dispose()
+
+
+def test_sigterm_exits_while_a_worker_thread_is_blocked(tmp_path: Path):
+    """Shutdown does not join threads: a reload whose read never returns (here: check_file patched to
+    block forever, as a dead network file system would) leaves SIGTERM's exit code and time intact."""
+    d = tmp_path / "a"
+    d.mkdir()
+    (d / "feeds.yaml").write_text(FEEDS.format(port=0, url=f"sqlite:///{tmp_path / 'state.db'}"))
+    code = (
+        "import sys, threading, feedrunner.spec as s\n"
+        "real = s.check_file\n"
+        "calls = []\n"
+        "def blocking(*a, **k):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) > 1: threading.Event().wait()\n"
+        "    return real(*a, **k)\n"
+        "s.check_file = blocking\n"
+        "from feedrunner.cli import main\n"
+        "sys.exit(main())\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "run", "feeds.yaml"],
+        cwd=d,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        wait_started(proc)
+        proc.send_signal(signal.SIGHUP)  # the reload's thread blocks for good
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert time.monotonic() - start < 15
+        assert "blocked thread" in err and "Traceback" not in err
+    finally:
+        stop(proc)
+
+
+@pytest.mark.parametrize("form", ["sqlite:///{db}", "sqlite:///file:{db}?uri=true"])
+def test_the_sqlite_lock_holds_for_plain_paths_and_file_uris(tmp_path: Path, form: str):
+    from feedrunner.rollout import engine_for
+
+    url = form.format(db=tmp_path / "nested" / "state.db")
+    a, b = StoreLock(url, engine_for(url)), StoreLock(url, engine_for(url))
+    try:
+        a.acquire()
+        with pytest.raises(StoreBusy, match="held by another runner"):
+            b.acquire()
+        a.release()
+        b.acquire()
+    finally:
+        a.release()
+        b.release()
+    assert not (Path.cwd() / "file:").exists()  # a URI is not a directory name

@@ -19,6 +19,7 @@ from feedrunner.metrics import Metrics
 from feedrunner.spec import Sink as SinkSpec
 
 SHOWN = 5  # failing paths listed in the status
+FORGET_AFTER = 300.0  # seconds a failing path may go unasked before it stops counting as failing
 
 
 class SinkState:
@@ -33,6 +34,7 @@ class SinkState:
     def __init__(self, sink: str) -> None:
         self.sink = sink
         self.failing: dict[str, str] = {}  # path -> the operation that failed last on it
+        self.wanted: dict[str, float] = {}  # failing path -> when events last came for it (monotonic)
         self.since: float | None = None  # when the current episode started
         self.last_error: str | None = None
         self.episode_events = 0
@@ -64,26 +66,39 @@ class SinkState:
                 logger.debug("sink {} is failing on one more path: {}", self.sink, error)
             self.episode_paths += 1
         self.failing[where] = op
-        self.lost(events)
+        self.lost(events, where)
 
-    def lost(self, events: int) -> None:
+    def lost(self, events: int, where: str | None = None) -> None:
         """`events` not written, for a path already failing (no new attempt, so no new error)."""
+        if where is not None and (events or where not in self.wanted):
+            self.wanted[where] = time.monotonic()
         self.events_failed += events
         self.episode_events += events
         if self._failed is not None and events:
             self._failed.inc(events)
 
-    def ok(self, where: str) -> None:
+    def forget_unwanted(self, after: float = FORGET_AFTER) -> None:
+        """A failing path nothing was sent to for `after` seconds (yesterday's file, a symbol a reload
+        removed) stops counting as failing: a sink is judged by what it is asked to write now."""
+        now = time.monotonic()
+        for where in [w for w, t in self.wanted.items() if now - t > after and w in self.failing]:
+            self.ok(where, f"no events for {where} in {after:g}s, no longer retried")
+
+    def ok(self, where: str, why: str | None = None) -> None:
         """`where` was written (or opened) again; the episode ends when nothing else fails."""
-        if self.failing.pop(where, None) is None or self.failing:
+        self.wanted.pop(where, None)
+        if self.failing.pop(where, None) is None:
+            return
+        if why is not None:
+            logger.warning("sink {}: {}", self.sink, why)
+        if self.failing:
             return
         assert self.since is not None
         logger.info(
-            "sink {} recovered after {:.1f}s ({} is writable again): {} events failed during the episode, "
-            "on {} path(s)",
+            "sink {} recovered after {:.1f}s ({}): {} events failed during the episode, on {} path(s)",
             self.sink,
             time.time() - self.since,
-            where,
+            "nothing left failing" if why else f"{where} is writable again",
             self.episode_events,
             self.episode_paths,
         )

@@ -94,7 +94,7 @@ class JsonlSink(Sink):
         try:
             f = self._file(path)
         except Unopened:
-            self.state.lost(len(events))
+            self.state.lost(len(events), path)
             return 0
         except Exception as exc:
             self.state.fail(path, "open", len(events), exc)
@@ -173,6 +173,7 @@ class JsonlSink(Sink):
                 len(moved),
                 ", ".join(moved[:5]) + (", ..." if len(moved) > 5 else ""),
             )
+        self.state.forget_unwanted()
         for path, op in list(self.state.failing.items()):
             if op == "open" and path not in self._files:
                 try:
