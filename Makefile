@@ -1,10 +1,10 @@
 # A fresh machine needs exactly `make run` and `make test`: both install first when needed.
-# What gets installed is requirements.lock, exactly (versions and hashes, every runtime and dev package);
+# What gets installed is requirements.lock, exactly (versions and hashes, every runtime and dev package),
+# by uv, itself pinned with its hashes in tools.lock;
 # pyproject.toml keeps the ranges a library user gets. `make lock` updates the lock after pyproject
 # changes (keeping every pin that still fits), `make lock-upgrade` moves every pin to the newest release,
 # and `make lock-check` (part of `make lint`, so of CI) fails when the two disagree.
 PYTHON     ?= python3
-UV_VERSION := 0.13.9
 VENV       := .venv
 BIN        := $(VENV)/bin
 TOOLS      := .tools
@@ -13,13 +13,14 @@ STAMP      := $(VENV)/.installed-stamp
 FEEDS      ?= feeds.yaml
 LOCK_ARGS  := pyproject.toml --extra dev --universal --generate-hashes --python-version 3.11 \
               --custom-compile-command "make lock" --quiet
+TOOLS_ARGS := --universal --generate-hashes --python-version 3.11 --custom-compile-command "make tools-lock" --quiet
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: install lock lock-upgrade lock-check run test validate lint bench clean
+.PHONY: install lock lock-upgrade lock-check tools-lock run test validate lint bench clean
 
-$(UV):
+$(UV): tools.lock
 	$(PYTHON) -m venv $(TOOLS)
-	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check --require-hashes -r tools.lock
 
 $(STAMP): pyproject.toml requirements.lock | $(UV)
 	$(UV) venv --quiet --allow-existing --python $(PYTHON) $(VENV)
@@ -34,11 +35,17 @@ lock: | $(UV)
 
 lock-upgrade: | $(UV)
 	$(UV) pip compile $(LOCK_ARGS) --upgrade -o requirements.lock
+	echo uv | $(UV) pip compile - $(TOOLS_ARGS) --upgrade -o tools.lock
 
+tools-lock: | $(UV)
+	grep -oE '^uv==[^ ]+' tools.lock | $(UV) pip compile - $(TOOLS_ARGS) -o tools.lock
+
+# Pins only (name==version and markers): a wheel added to a pinned release changes hashes, not agreement.
 lock-check: | $(UV)
 	@tmp=$$(mktemp -d); cp requirements.lock $$tmp/; \
 	$(UV) pip compile $(LOCK_ARGS) -o $$tmp/requirements.lock && \
-	diff -u requirements.lock $$tmp/requirements.lock > $$tmp/diff && echo "requirements.lock agrees with pyproject.toml" || \
+	grep -E '^[A-Za-z0-9]' requirements.lock > $$tmp/want && grep -E '^[A-Za-z0-9]' $$tmp/requirements.lock > $$tmp/got && \
+	diff -u $$tmp/want $$tmp/got > $$tmp/diff && echo "requirements.lock agrees with pyproject.toml" || \
 	{ cat $$tmp/diff; echo "requirements.lock disagrees with pyproject.toml: run make lock"; rm -rf $$tmp; exit 1; }; \
 	rm -rf $$tmp
 
