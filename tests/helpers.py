@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -60,3 +64,15 @@ def venue_from(name: str, settings: dict[str, Any]) -> Venue:
 def sample(adapter: Adapter, name: str, **labels: str) -> float:
     """A metric of the adapter's venue (0 when never set)."""
     return adapter.metrics.registry.get_sample_value(name, {"venue": adapter.name, **labels}) or 0.0
+
+
+def spawn(cwd: Path, *args: str, stdout: Any = subprocess.DEVNULL, stderr: Any = subprocess.PIPE) -> subprocess.Popen:
+    """`feedrunner <args>` (by default `run feeds.yaml`) as a subprocess in `cwd`: text, unbuffered."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "feedrunner.cli", *(args or ("run", "feeds.yaml"))],
+        cwd=cwd,
+        stdout=stdout,
+        stderr=stderr,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )

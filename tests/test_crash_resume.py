@@ -4,13 +4,13 @@ came during the outage backfilled, because the last delivered id of each symbol 
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
+
+from helpers import spawn
 
 FEEDS = """\
 version: 1
@@ -29,13 +29,7 @@ state: {{url: "sqlite:///state/feedrunner.db"}}
 
 
 def runner(cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "feedrunner.cli", "run", "feeds.yaml"],
-        cwd=cwd,
-        stdout=subprocess.DEVNULL,
-        stderr=(cwd / "runner.log").open("a"),
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    return spawn(cwd, stderr=(cwd / "runner.log").open("a"))
 
 
 def ids(path: Path) -> list[tuple[int, bool]]:
@@ -57,12 +51,9 @@ def wait_for(pred, timeout: float, what: str) -> None:
 
 
 def test_kill_dash_nine_then_restart_loses_no_trade(tmp_path: Path):
-    sim = subprocess.Popen(
-        [sys.executable, "-m", "feedrunner.cli", "sim", "binance", "--port", "0", "--rate", "20",
-         "--symbols", "BTC/USDT,ETH/USDT"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
+    sim = spawn(
+        tmp_path, "sim", "binance", "--port", "0", "--rate", "20", "--symbols", "BTC/USDT,ETH/USDT",
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     first = second = None
     try:

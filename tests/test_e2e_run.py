@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+
+from helpers import spawn
 
 FEEDS = """\
 version: 1
@@ -35,14 +35,7 @@ state: {url: "sqlite:///state/feedrunner.db"}
 
 def test_run_streams_to_jsonl_and_exits_zero_on_sigterm(tmp_path: Path):
     (tmp_path / "feeds.yaml").write_text(FEEDS)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "feedrunner.cli", "run", "feeds.yaml"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    proc = spawn(tmp_path, stdout=subprocess.PIPE)
     try:
         trades = tmp_path / "out" / "binance" / "trade.jsonl"
         deadline = time.monotonic() + 30

@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -17,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import wait_until
+from helpers import spawn, wait_until
 from loguru import logger
 
 from feedrunner.events import Trade
@@ -227,13 +226,7 @@ def test_sighup_reopens_the_files_of_a_running_runner(tmp_path: Path) -> None:
         state: {url: "sqlite:///state.db"}
         """)
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "feedrunner.cli", "run", "feeds.yaml"],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = spawn(tmp_path)
     path, rotated = tmp_path / "out" / "BTC-USDT.jsonl", tmp_path / "out" / "BTC-USDT.jsonl.1"
     try:
         deadline = time.monotonic() + 30

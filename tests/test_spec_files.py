@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import spawn
 
 from feedrunner import yamlsource
 from feedrunner.cli import EX_CONFIG
@@ -177,14 +178,7 @@ def test_reload_of_feeds_yaml_replaced_by_a_fifo_is_rejected(tmp_path):
     """SIGHUP and POST /reload: the runner keeps its config, says why, counts it, and still stops."""
     feeds = tmp_path / "feeds.yaml"
     feeds.write_text(RUN)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "feedrunner.cli", "run", "feeds.yaml"],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    proc = spawn(tmp_path)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
     reader.start()

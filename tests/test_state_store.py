@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from helpers import spawn
 
 from feedrunner.statelock import StoreBusy, StoreLock
 
@@ -38,14 +39,7 @@ def start(tmp: Path, name: str, port: int | str, url: str) -> subprocess.Popen:
     d = tmp / name
     d.mkdir(exist_ok=True)
     (d / "feeds.yaml").write_text(FEEDS.format(port=port, url=url))
-    return subprocess.Popen(
-        [sys.executable, "-m", "feedrunner.cli", "run", "feeds.yaml"],
-        cwd=d,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    return spawn(d)
 
 
 def wait_started(proc: subprocess.Popen, timeout: float = 30) -> str:
