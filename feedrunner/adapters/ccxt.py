@@ -382,7 +382,9 @@ class CcxtAdapter(Adapter):
             try:
                 if channel == "trades":
                     trades = await ex.watch_trades_for_symbols(symbols)
-                    await self._on_trades([*trades, *self._swept_trades(symbols)], "websocket")
+                    returned = {id(t) for t in trades}  # the sweep re-reads these from the same cache
+                    swept = [t for t in self._swept_trades(symbols) if id(t) not in returned]
+                    await self._on_trades([*trades, *swept], "websocket")
                 else:
                     if channel == "ticker":
                         await ex.watch_tickers(symbols, {"name": "ticker"})
