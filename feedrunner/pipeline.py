@@ -40,7 +40,7 @@ class Pipeline:
         # before the last flush completed. Everything accepted by `accepted == n` is on disk (or counted
         # lost) once `durable >= n`, which is what a trade checkpoint waits for.
         self.accepted = 0
-        self.settled = 0
+        self.dropped = 0  # events the overflow policy dropped
         self.durable = 0
         self._flushed = asyncio.Event()
         self._batches: deque[list[Event]] = deque()
@@ -52,6 +52,11 @@ class Pipeline:
         self._flush_every = min((s.spec.flush_interval for s in sinks), default=1.0) or 0.05
         for sink in sinks:
             sink.state.bind(metrics)
+
+    @property
+    def settled(self) -> int:
+        """Events written (or failed) by the sinks, or dropped by the overflow policy."""
+        return self.written + self.dropped
 
     async def put(self, events: list[Event]) -> None:
         """Queue a batch (the pipeline owns the list from here on)."""
@@ -84,7 +89,7 @@ class Pipeline:
 
     def _drop(self, n: int) -> None:
         self.metrics.dropped.labels("queue_full").inc(n)
-        self.settled += n
+        self.dropped += n
 
     def _take(self, limit: int) -> list[Event]:
         batch: list[Event] = []
@@ -136,7 +141,6 @@ class Pipeline:
             counter.inc(written)
             state.events_written += written
         self.written += len(batch)
-        self.settled += len(batch)
         if self.health is not None:
             self.health.observe_written(batch[-1], time.time_ns())
 

@@ -34,13 +34,13 @@ from feedrunner.control import ControlServer
 from feedrunner.health import Health
 from feedrunner.metrics import Metrics
 from feedrunner.pipeline import Pipeline
-from feedrunner.plan import RESTART_FIELDS, Change, diff, spec_to_dict
+from feedrunner.plan import RESTART_FIELDS, Change, diff, mask_url, spec_to_dict
 from feedrunner.resilience import ConnState
 from feedrunner.rollout import Controller, Store, engine_for
 from feedrunner.rollout import State as RolloutState
 from feedrunner.sinks import build as build_sink
 from feedrunner.spec import Spec, Venue
-from feedrunner.statelock import StoreBusy, StoreLock, redact
+from feedrunner.statelock import StoreBusy, StoreLock
 
 
 def adapter_class(venue: Venue) -> type[Adapter] | None:
@@ -445,7 +445,7 @@ class Runner:
         """The store lock's session died (a database restart): take it again, or stop if another runner
         took it meanwhile, since two runners would overwrite each other's rollout."""
         assert self.lock is not None
-        logger.error("state store lock lost ({}): claiming it again", redact(self.spec.state_url))
+        logger.error("state store lock lost ({}): claiming it again", mask_url(self.spec.state_url))
         await asyncio.to_thread(self.lock.release)
         try:
             await asyncio.to_thread(self.lock.acquire)
@@ -636,7 +636,7 @@ async def serve(spec: Spec, watch: bool = False) -> int:
         logger.error("cannot start: {}", exc)
         return 69  # EX_UNAVAILABLE
     except sa.exc.SQLAlchemyError as exc:
-        logger.error("cannot open the state store {}: {}", redact(spec.state_url), exc.__class__.__name__)
+        logger.error("cannot open the state store {}: {}", mask_url(spec.state_url), exc.__class__.__name__)
         return 69
     finally:
         timer = _exit_after(spec.shutdown_deadline + EXIT_GRACE)

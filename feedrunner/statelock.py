@@ -26,11 +26,6 @@ class StoreBusy(Exception):
     """Another runner holds the state store."""
 
 
-def redact(url: str) -> str:
-    """The URL without its credentials (user:password@ and password-like query values), for messages."""
-    return mask_url(url)
-
-
 def sqlite_path(url: sa.engine.URL) -> Path | None:
     """The file of a SQLite URL, `file:` URIs included; None for an in-memory database."""
     database = url.database or ""
@@ -57,7 +52,7 @@ class StoreLock:
         elif self.dialect == "sqlite":
             self._acquire_sqlite()
         else:
-            logger.warning("state store {}: no single-runner lock for {}", redact(self.url), self.dialect)
+            logger.warning("state store {}: no single-runner lock for {}", mask_url(self.url), self.dialect)
 
     def _acquire_pg(self) -> None:
         conn = self.engine.connect()
@@ -73,7 +68,7 @@ class StoreLock:
             ).first()
             conn.close()
             who = f" (backend pid {holder[0]} from {holder[1] or 'local socket'})" if holder else ""
-            raise StoreBusy(f"state store {redact(self.url)} is held by another runner{who}")
+            raise StoreBusy(f"state store {mask_url(self.url)} is held by another runner{who}")
         self._pg = conn
 
     def _acquire_sqlite(self) -> None:
@@ -87,7 +82,7 @@ class StoreLock:
             conn.execute("BEGIN EXCLUSIVE")
         except sqlite3.OperationalError:
             conn.close()
-            raise StoreBusy(f"state store {redact(self.url)} is held by another runner (lock {path})") from None
+            raise StoreBusy(f"state store {mask_url(self.url)} is held by another runner (lock {path})") from None
         self._sqlite = conn
 
     def held(self) -> bool:

@@ -29,6 +29,16 @@ async def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> flo
     return time.monotonic() - start
 
 
+class Clock:
+    """A clock tests move by hand: `clock.now += 10`."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class Collector:
     """An adapter's `emit`: keeps every event in memory."""
 

@@ -5,16 +5,10 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+from helpers import Clock
+
 from feedrunner.health import Health
 from feedrunner.spec import Condition
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Rss:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from helpers import Clock
 
 from feedrunner.health import Reading
 from feedrunner.rollout import ActionError, Controller, State, Store, engine_for
@@ -22,14 +23,6 @@ rollout:
   rollback: [{metric: error_rate, above: 5%, window: 5s}]
   recovery: {cooldown: 30s, restart_from: RESTART, max_attempts: 2}
 """
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class FakeHealth:
