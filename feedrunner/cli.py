@@ -101,8 +101,10 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from feedrunner.runner import file_signature, run
     from feedrunner.spec import check_file, describe
 
+    read_from = file_signature(args.file)  # before reading: --watch sees an edit made while starting
     spec, problems = check_file(args.file)
     for problem in problems:
         print(problem, file=sys.stderr)
@@ -111,15 +113,7 @@ def _run(args: argparse.Namespace) -> int:
     print(describe(spec))
     if args.dry_run:
         return EX_OK
-    try:
-        from feedrunner.runner import run
-    except ImportError:
-        print(
-            "feedrunner: the streaming runner is not built yet; the plan above is what it will run",
-            file=sys.stderr,
-        )
-        return EX_OK
-    return run(spec, watch=args.watch)
+    return run(spec, watch=args.watch, read_from=read_from)
 
 
 def _sim(args: argparse.Namespace) -> int:

@@ -556,24 +556,25 @@ def configure_logging(spec: Spec) -> None:
         logger.add(sys.stderr, level=spec.log_level, format="{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {message}")
 
 
-async def watch_file(runner: Runner, path: str, every: float = 0.5) -> None:
-    """Reload when the file changes. stat() by path, not by open handle: editors that save by writing a
-    new file and renaming it over the old one change the inode, which this sees."""
+def file_signature(path: str) -> tuple[int, int, int] | None:
+    """stat() by path, not by open handle: editors that save by writing a new file and renaming it over
+    the old one change the inode, which this sees."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # mid-rename: try again next tick
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
-    def signature() -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(path)
-        except OSError:
-            return None  # mid-rename: try again next tick
-        return st.st_ino, st.st_mtime_ns, st.st_size
 
-    last = signature()
+async def watch_file(runner: Runner, path: str, last: tuple[int, int, int] | None, every: float = 0.5) -> None:
+    """Reload when the file changes from `last`, its signature taken before the spec was read: an edit
+    saved while the runner was starting is a change too."""
     while True:
         await asyncio.sleep(every)
-        now = signature()
+        now = file_signature(path)
         if now is not None and now != last:
             await asyncio.sleep(0.2)  # let a burst of writes settle
-            last = signature()
+            last = file_signature(path)
             logger.info("{} changed on disk: reloading", path)
             await runner.reload_file(path)
 
@@ -602,7 +603,7 @@ def log_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any])
         logger.opt(exception=exc).error("asyncio: {}", context.get("message"))
 
 
-async def serve(spec: Spec, watch: bool = False) -> int:
+async def serve(spec: Spec, watch: bool = False, read_from: tuple[int, int, int] | None = None) -> int:
     runner = Runner(spec)
     stop = asyncio.Event()
     failure: list[str] = []
@@ -625,7 +626,7 @@ async def serve(spec: Spec, watch: bool = False) -> int:
         await runner.start()
         freezer = asyncio.create_task(freeze_heap_when_up(runner), name="freeze-heap")
         if watch:
-            watcher = asyncio.create_task(watch_file(runner, spec.source), name="watch")
+            watcher = asyncio.create_task(watch_file(runner, spec.source, read_from), name="watch")
         await stop.wait()
         if not failure:
             logger.info("signal received: draining and stopping")
@@ -670,11 +671,11 @@ def _exit_after(seconds: float) -> threading.Timer:
     return timer
 
 
-def run(spec: Spec, watch: bool = False) -> int:
+def run(spec: Spec, watch: bool = False, read_from: tuple[int, int, int] | None = None) -> int:
     configure_logging(spec)
     loop = asyncio.new_event_loop()
     try:
-        code = loop.run_until_complete(serve(spec, watch))
+        code = loop.run_until_complete(serve(spec, watch, read_from))
         loop.run_until_complete(loop.shutdown_asyncgens())
     finally:
         loop.close()
