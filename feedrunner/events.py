@@ -130,3 +130,29 @@ def group_by(events: Iterable[Event], key: Callable[[Event], Any]) -> dict[Any, 
 
 def ms_to_ns(ms: float | int | None) -> int | None:
     return None if ms is None else int(ms) * 1_000_000
+
+
+def event_id(e: Event) -> str:
+    """A stable id a consumer de-duplicates by: `venue:symbol:kind:key`, the key being the venue's trade
+    id, else the book's sequence, else the venue's timestamp, else the time received. A replayed event
+    (the spool, a restart's backfill of a trade) carries the same id as the first delivery."""
+    if isinstance(e, Trade):
+        key = e.id if e.id is not None else f"{e.ts_exchange or e.ts_received}:{e.price}:{e.amount}"
+    elif isinstance(e, Book) and e.sequence is not None:
+        key = str(e.sequence)
+    else:
+        key = str(e.ts_exchange or e.ts_received)
+    return f"{e.venue}:{e.symbol}:{e.kind}:{key}"
+
+
+def from_dict(d: dict[str, Any]) -> Event:
+    """The event a sink record (to_dict) was made from: the spool stores records, replay rebuilds them."""
+    kind = d["kind"]
+    base = (d["venue"], d["symbol"], d["ts_exchange"], d["ts_received"], d["transport"])
+    if kind == "trade":
+        return Trade(*base, d["id"], d["price"], d["amount"], d["side"], d.get("backfilled", False))
+    if kind == "ticker":
+        return Ticker(*base, d["bid"], d["ask"], d["last"], d["volume"])
+    if kind == "book":
+        return Book(*base, [tuple(x) for x in d["bids"]], [tuple(x) for x in d["asks"]], d["sequence"])
+    raise ValueError(f"unknown event kind {kind!r}")

@@ -104,7 +104,42 @@ class Metrics:
             registry=r,
         )
         self.sink_written = Counter(
-            "feedrunner_sink_events_written_total", "Events written by each sink.", ["sink"], registry=r
+            "feedrunner_sink_events_written_total",
+            "Events written by each sink (for a bus: acknowledged by it).",
+            ["sink"],
+            registry=r,
+        )
+        self.sink_spooled = Counter(
+            "feedrunner_sink_events_spooled_total", "Events a bus sink put in its on-disk spool.", ["sink"], registry=r
+        )
+        self.sink_replayed = Counter(
+            "feedrunner_sink_events_replayed_total",
+            "Spooled events a bus sink delivered from its spool.",
+            ["sink"],
+            registry=r,
+        )
+        self.sink_dropped = Counter(
+            "feedrunner_sink_events_dropped_total",
+            "Events a bus sink dropped: spool_full (the spool's bound and overflow policy), spool_error (the "
+            "spool could not be written), torn (a record cut by an unclean stop).",
+            ["sink", "reason"],
+            registry=r,
+        )
+        self.sink_spool_bytes = Gauge(
+            "feedrunner_sink_spool_bytes", "Bytes in a bus sink's spool not yet acknowledged.", ["sink"], registry=r
+        )
+        self.sink_spool_events = Gauge(
+            "feedrunner_sink_spool_events", "Events in a bus sink's spool not yet acknowledged.", ["sink"], registry=r
+        )
+        self.sink_buffer_events = Gauge(
+            "feedrunner_sink_buffer_events", "Events in a bus sink's memory buffer.", ["sink"], registry=r
+        )
+        self.sink_delivery_latency = Histogram(
+            "feedrunner_sink_delivery_seconds",
+            "From an event's receipt to the bus's acknowledgement of its batch (first event of each batch).",
+            ["sink"],
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
+            registry=r,
         )
         self.sink_errors = Counter(
             "feedrunner_sink_errors_total",
@@ -115,7 +150,12 @@ class Metrics:
         self.sink_events_failed = Counter(
             "feedrunner_sink_events_failed_total", "Events a sink could not write (lost).", ["sink"], registry=r
         )
-        self.sink_up = Gauge("feedrunner_sink_up", "1 while every file of the sink is writable.", ["sink"], registry=r)
+        self.sink_up = Gauge(
+            "feedrunner_sink_up",
+            "1 while the sink writes: every file writable, or the bus delivering.",
+            ["sink"],
+            registry=r,
+        )
 
 
 def observe_many(child: Any, values: Iterable[float]) -> None:

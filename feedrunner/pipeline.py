@@ -14,6 +14,7 @@ from feedrunner.events import Event
 from feedrunner.health import Health
 from feedrunner.metrics import Metrics
 from feedrunner.sinks.base import Sink
+from feedrunner.sinks.delivery import Delivery
 from feedrunner.spec import Spec
 
 BATCH = 2048
@@ -25,14 +26,18 @@ class Pipeline:
     Adapters put whole batches (one watch result, say): a queue entry per event cost more than the
     sink itself at high rates. The bound (`queue.size`) still counts events. Sinks report their own
     I/O faults per file (sinks/base.py SinkState); an exception escaping a sink is caught here, so one
-    sink failing never stops the feeds or the other sinks.
+    sink failing never stops the feeds or the other sinks. Bus sinks are Deliveries: `write` only hands
+    them the batch, and each delivers from its own buffer, task and spool (sinks/delivery.py).
     """
 
-    def __init__(self, spec: Spec, sinks: list[Sink], metrics: Metrics, health: Health | None = None) -> None:
+    def __init__(
+        self, spec: Spec, sinks: list[Sink | Delivery], metrics: Metrics, health: Health | None = None
+    ) -> None:
         self.health = health
         self.capacity = spec.queue.size
         self.block = spec.queue.overflow == "block"
-        self.sinks = sinks
+        self.sinks = [s for s in sinks if isinstance(s, Sink)]
+        self.deliveries = [d for d in sinks if isinstance(d, Delivery)]
         self.metrics = metrics
         self.written = 0
         self.depth = 0  # events queued
@@ -49,8 +54,8 @@ class Pipeline:
         self._space = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
-        self._flush_every = min((s.spec.flush_interval for s in sinks), default=1.0) or 0.05
-        for sink in sinks:
+        self._flush_every = min((s.spec.flush_interval for s in self.sinks), default=1.0) or 0.05
+        for sink in self.sinks:
             sink.state.bind(metrics)
 
     @property
@@ -100,6 +105,8 @@ class Pipeline:
         return batch
 
     def start(self) -> None:
+        for d in self.deliveries:
+            d.start()
         self._task = asyncio.create_task(self._consume(), name="pipeline")
         self._flusher = asyncio.create_task(self._flush_periodically(), name="pipeline-flush")
 
@@ -140,7 +147,11 @@ class Pipeline:
                 counter = self._written[sink.name] = self.metrics.sink_written.labels(sink.name)
             counter.inc(written)
             state.events_written += written
+        for d in self.deliveries:
+            d.write(batch if len(d.kinds) == 3 else [e for e in batch if e.kind in d.kinds])
         self.written += len(batch)
+        for d in self.deliveries:
+            d.note(self.settled)
         if self.health is not None:
             self.health.observe_written(batch[-1], time.time_ns())
 
@@ -153,7 +164,12 @@ class Pipeline:
     def _flush(self) -> None:
         mark = self.settled
         self._flush_sinks()
-        self.durable = mark
+        for d in self.deliveries:
+            d.tick()
+            held = d.durable()
+            if held is not None:
+                mark = min(mark, held)
+        self.durable = max(self.durable, mark)
         self._flushed.set()
 
     def _flush_sinks(self) -> None:
@@ -177,12 +193,18 @@ class Pipeline:
 
     def sink_problems(self) -> list[str]:
         """Why /readyz fails on account of the sinks: one line per failing sink."""
+        return self.losing() + [p for d in self.deliveries if (p := d.problem())]
+
+    def losing(self) -> list[str]:
+        """The sinks losing events now (file sinks failing); a bus that spools keeps them."""
         return [p for s in self.sinks if (p := s.state.problem())]
 
     def sink_status(self) -> dict[str, dict[str, Any]]:
-        return {s.name: s.state.status() for s in self.sinks}
+        return {s.name: s.state.status() for s in self.sinks} | {d.name: d.status() for d in self.deliveries}
 
-    async def drain_and_close(self) -> None:
+    async def drain_and_close(self, deadline: float = 5.0) -> None:
+        """Write the queue out, close the file sinks, and give the buses `deadline` seconds to deliver
+        what they buffer (the rest stays in their spools)."""
         for task in (self._task, self._flusher):
             if task is not None:
                 task.cancel()
@@ -198,5 +220,6 @@ class Pipeline:
                 sink.state.fail("the sink", "close", 0, exc)
             if sink.state.since is not None:
                 logger.error("{}; closed while failing", sink.state.problem())
+        await asyncio.gather(*(d.close(deadline) for d in self.deliveries))
         self.durable = self.settled
         self._flushed.set()

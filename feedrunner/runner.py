@@ -70,7 +70,7 @@ class Runner:
         if spec.rollout:
             windows += [c.window for c in (*spec.rollout.gates, *spec.rollout.rollback)]
         self.health = Health(windows)
-        self.pipeline = Pipeline(spec, [build_sink(s) for s in spec.sinks], self.metrics, self.health)
+        self.pipeline = Pipeline(spec, [build_sink(s, self.metrics) for s in spec.sinks], self.metrics, self.health)
         self.alerts = Alerts(spec.health.webhook, self.metrics.registry)
         self.rollout: Controller | None = None
         self.scheduler: AsyncIOScheduler | None = None
@@ -328,6 +328,7 @@ class Runner:
         """Scheduler, server and timers first; then the venues (concurrently, within half the shutdown
         deadline, so the drain and flush always get the rest); then the queue into the sinks."""
         self.stopping = True
+        began = time.monotonic()
         if self.scheduler is not None:
             with contextlib.suppress(Exception):
                 self.scheduler.shutdown(wait=False)
@@ -347,7 +348,8 @@ class Runner:
         except TimeoutError:
             logger.error("venues still stopping after {:g}s: draining without them", self.spec.shutdown_deadline / 2)
         snap, mark = self._snapshot(), self.pipeline.accepted  # what was handed to the queue by now
-        await self.pipeline.drain_and_close()
+        # The buses get what is left of the deadline, less a margin for the checkpoint and the rest.
+        await self.pipeline.drain_and_close(max(1.0, self.spec.shutdown_deadline - (time.monotonic() - began) - 3.0))
         if self.checkpoints is not None and self.pipeline.durable >= mark and not self.store_lost:
             await self._save_checkpoints(snap)
         await self.alerts.stop()
@@ -429,7 +431,7 @@ class Runner:
         assert self.checkpoints is not None
         if not snap:
             return
-        failing = self.pipeline.sink_problems()
+        failing = self.pipeline.losing()
         if failing:
             logger.debug("trade checkpoints held back: {}", failing[0])
             return
@@ -490,6 +492,18 @@ class Runner:
                 f"venue {name} failed",
                 adapter.conn.state is ConnState.FAILED,
                 {"venue": name, "summary": adapter.conn.reason},
+            )
+        now = time.monotonic()
+        for d in self.pipeline.deliveries:
+            self.alerts.update(
+                f"sink {d.name} cannot deliver",
+                d.failing and d.since is not None and time.time() - d.since >= self.spec.health.interval,
+                {"sink": d.name, "summary": d.problem() or "", "permanent": d.permanent},
+            )
+            self.alerts.update(
+                f"sink {d.name} dropping events",
+                d.dropped_at is not None and now - d.dropped_at < 2 * self.spec.health.interval,
+                {"sink": d.name, "summary": f"{d.dropped} events dropped (spool full or unwritable)"},
             )
         self.refresh_gauges()
 

@@ -56,10 +56,39 @@ _KIND_PARSE = {"duration": units.duration, "ratio": units.ratio, "size": units.s
 _KIND_EXAMPLE = {"duration": "500ms", "ratio": "1% or 0.01", "size": "100MB", "number": "5"}
 OPERATORS = ("below", "above", "at_most", "at_least")
 SINK_FIELDS = frozenset({"venue", "date", "kind", "symbol"})
+PARQUET_FIELDS = frozenset({"venue", "date", "kind", "hour"})
+BUS_FIELDS = frozenset({"venue", "kind", "symbol"})  # topic, key, subject and stream templates
+BUSES = ("kafka", "nats", "redis")
 
 
 # ---------------------------------------------------------------------------------------------------
 # The typed spec
+
+_COMMON_SINK_KEYS = frozenset({"type", "name", "kinds"})
+_BUS_KEYS = _COMMON_SINK_KEYS | {"buffer", "batch", "timeout", "retry", "spool"}
+_SINK_KEYS = {
+    "jsonl": _COMMON_SINK_KEYS | {"path", "flush_interval", "max_open_files"},
+    "stdout": _COMMON_SINK_KEYS,
+    "parquet": _COMMON_SINK_KEYS
+    | {"path", "flush_interval", "partition", "compression", "row_group_rows", "row_group_interval", "roll_interval"},
+    "kafka": _BUS_KEYS
+    | {"brokers", "topic", "key", "acks", "compression", "linger", "batch_bytes", "message_max_bytes"}
+    | {"security_protocol", "sasl_mechanism", "username", "password", "ca_file", "cert_file", "key_file"},
+    "nats": _BUS_KEYS
+    | {"servers", "subject", "stream", "create_stream", "duplicate_window", "max_pending"}
+    | {"username", "password", "token", "creds_file", "ca_file", "cert_file", "key_file"},
+    "redis": _BUS_KEYS | {"url", "stream", "maxlen"},
+}
+_NATS_STREAM = re.compile(r"[A-Za-z0-9_-]{1,200}")
+
+
+def _secret(value: str | None) -> Secret | None:
+    return Secret(value) if value else None
+
+
+def _safe_dir(label: str) -> str:
+    """A sink's name as one directory name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("._") or "sink"
 
 
 class Secret(str):
@@ -191,12 +220,104 @@ class Health:
 
 
 @dataclass(frozen=True, slots=True)
+class Retry:
+    base: float = 0.5
+    cap: float = 30.0
+    factor: float = 2.0
+    jitter: float = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolSpec:
+    path: str  # directory of this sink's segments
+    max_bytes: int = 1 << 30
+    segment_bytes: int = 64 << 20
+    fsync: Literal["always", "interval", "never"] = "interval"
+    fsync_interval: float = 1.0
+    overflow: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """How a bus sink is fed: its own buffer and task, its spool, its retry pacing."""
+
+    spool: SpoolSpec
+    buffer: int = 50_000
+    batch: int = 5_000
+    timeout: float = 10.0
+    retry: Retry = Retry()
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaSpec:
+    brokers: tuple[str, ...]
+    topic: str = "md.{venue}.{kind}"
+    key: str = "{venue}:{symbol}"
+    acks: Literal["all", "1"] = "all"
+    compression: str = "zstd"
+    linger: float = 0.005
+    batch_bytes: int = 1 << 20
+    message_max_bytes: int = 1_000_000
+    security_protocol: str = "plaintext"
+    sasl_mechanism: str | None = None
+    username: Secret | None = None
+    password: Secret | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NatsSpec:
+    servers: tuple[Secret, ...]
+    subject: str = "md.{venue}.{kind}.{symbol}"
+    stream: str = "MD"
+    create_stream: bool = True
+    duplicate_window: float = 120.0
+    max_pending: int = 2000
+    username: Secret | None = None
+    password: Secret | None = None
+    token: Secret | None = None
+    creds_file: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSpec:
+    url: Secret
+    stream: str = "md:{venue}:{kind}"
+    maxlen: int = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class ParquetSpec:
+    path: str = "data/parquet/{venue}/{kind}/{date}"
+    partition: Literal["day", "hour"] = "day"
+    compression: str = "zstd"
+    row_group_rows: int = 100_000
+    row_group_interval: float = 60.0
+    roll_interval: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
 class Sink:
-    type: Literal["jsonl", "stdout"]
+    type: Literal["jsonl", "stdout", "parquet", "kafka", "nats", "redis"]
     path: str | None = None
     flush_interval: float = 1.0
     max_open_files: int = 64
     kinds: tuple[str, ...] = ("trade", "ticker", "book")
+    name: str = ""  # metrics, status, logs and the spool directory; unique (default: type, or type:path)
+    delivery: Delivery | None = None  # buses only
+    kafka: KafkaSpec | None = None
+    nats: NatsSpec | None = None
+    redis: RedisSpec | None = None
+    parquet: ParquetSpec | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or self.type + (f":{self.path}" if self.path else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -514,6 +635,7 @@ class _SpecBuilder:
         self.problems: list[Problem] = []
         self.venues_known = True  # false when `venues` itself is refused: references to venues stay quiet
         self.withheld: set[str] = set()  # venues refused by the schema: references to them stay quiet
+        self.sink_names: set[str] = set()
         _mark_secrets(self.d, doc.from_env)
 
     def err(self, path: Path, message: str) -> None:
@@ -920,28 +1042,141 @@ class _SpecBuilder:
             )
         return Health(units.duration(h.get("interval", "15s")), checks, webhook)
 
+    def _template(self, path: Path, text: str, allowed: frozenset[str]) -> None:
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
+        except ValueError as exc:
+            self.err(path, f"bad template: {exc}")
+            return
+        unknown = fields - allowed
+        if unknown:
+            self.err(
+                path,
+                f"unknown placeholder(s) {', '.join('{' + f + '}' for f in sorted(unknown))}"
+                f"; use {', '.join('{' + f + '}' for f in sorted(allowed))}",
+            )
+
     def _sink(self, i: int, s: dict[str, Any]) -> Sink:
+        kind = s["type"]
+        at = ("sinks", i)
+        allowed = _SINK_KEYS[kind]
+        for key in s:
+            if key not in allowed:
+                self.err((*at, key), f"not a setting of {kind} sinks (they take {', '.join(sorted(allowed))})")
         path = s.get("path")
         if path is not None:
-            try:
-                fields = {f for _, f, _, _ in string.Formatter().parse(path) if f is not None}
-            except ValueError as exc:
-                self.err(("sinks", i, "path"), f"bad template: {exc}")
-                fields = set()
-            unknown = fields - SINK_FIELDS
-            if unknown:
-                self.err(
-                    ("sinks", i, "path"),
-                    f"unknown placeholder(s) {', '.join('{' + f + '}' for f in sorted(unknown))}"
-                    f"; use {', '.join('{' + f + '}' for f in sorted(SINK_FIELDS))}",
-                )
+            self._template((*at, "path"), path, PARQUET_FIELDS if kind == "parquet" else SINK_FIELDS)
+        for key in ("topic", "key", "subject") + (("stream",) if kind == "redis" else ()):
+            if key in s:
+                self._template((*at, key), s[key], BUS_FIELDS)
+        name = s.get("name", "")
+        label = name or kind + (f":{path}" if path else "")
+        if label in self.sink_names:
+            self.err(
+                (*at, "name") if name else (*at, "type"), f"another sink is also named {label!r}: give each a name"
+            )
+        self.sink_names.add(label)
+        dur = units.duration
+        delivery = kafka = nats = red = parquet = None
+        if kind in BUSES:
+            sp, r = s.get("spool", {}), s.get("retry", {})
+            retry = Retry(
+                dur(r.get("base", "500ms")),
+                dur(r.get("cap", "30s")),
+                float(r.get("factor", 2)),
+                float(r.get("jitter", 0.2)),
+            )
+            if retry.base > retry.cap:
+                self.err((*at, "retry", "cap"), "cap must be >= base")
+            spool = SpoolSpec(
+                sp.get("path") or str(self._spool_root() / _safe_dir(label)),
+                int(units.size(sp.get("max_bytes", "1GiB"))),
+                int(units.size(sp.get("segment_bytes", "64MiB"))),
+                sp.get("fsync", "interval"),
+                dur(sp.get("fsync_interval", "1s")),
+                sp.get("overflow", "drop_oldest"),
+            )
+            if spool.segment_bytes > spool.max_bytes:
+                self.err((*at, "spool", "segment_bytes"), "must be <= max_bytes")
+            elif spool.segment_bytes < 4096:
+                self.err((*at, "spool", "segment_bytes"), "must be at least 4KiB")
+            delivery = Delivery(
+                spool, s.get("buffer", 50_000), s.get("batch", 5_000), dur(s.get("timeout", "10s")), retry
+            )
+            if delivery.batch > delivery.buffer:
+                self.err((*at, "batch"), f"must be <= buffer ({delivery.buffer})")
+        if kind == "kafka":
+            kafka = KafkaSpec(
+                tuple(s["brokers"]),
+                s.get("topic", "md.{venue}.{kind}"),
+                s.get("key", "{venue}:{symbol}"),
+                s.get("acks", "all"),
+                s.get("compression", "zstd"),
+                dur(s.get("linger", "5ms")),
+                int(units.size(s.get("batch_bytes", "1MiB"))),
+                int(units.size(s.get("message_max_bytes", "1MB"))),
+                s.get("security_protocol", "plaintext"),
+                s.get("sasl_mechanism"),
+                _secret(s.get("username")),
+                _secret(s.get("password")),
+                s.get("ca_file"),
+                s.get("cert_file"),
+                s.get("key_file"),
+            )
+            if kafka.security_protocol.startswith("sasl") and not (kafka.sasl_mechanism and kafka.username):
+                self.err((*at, "security_protocol"), "SASL needs sasl_mechanism, username and password")
+        elif kind == "nats":
+            nats = NatsSpec(
+                tuple(Secret(u) for u in s["servers"]),
+                s.get("subject", "md.{venue}.{kind}.{symbol}"),
+                s.get("stream", "MD"),
+                s.get("create_stream", True),
+                dur(s.get("duplicate_window", "2m")),
+                s.get("max_pending", 2000),
+                _secret(s.get("username")),
+                _secret(s.get("password")),
+                _secret(s.get("token")),
+                s.get("creds_file"),
+                s.get("ca_file"),
+                s.get("cert_file"),
+                s.get("key_file"),
+            )
+            if not _NATS_STREAM.fullmatch(nats.stream):
+                self.err((*at, "stream"), "a JetStream stream name: letters, digits, '-' and '_'")
+        elif kind == "redis":
+            red = RedisSpec(Secret(s["url"]), s.get("stream", "md:{venue}:{kind}"), s.get("maxlen", 1_000_000))
+            if not str(red.url).startswith(("redis://", "rediss://", "unix://")):
+                self.err((*at, "url"), "must be a redis://, rediss:// or unix:// URL")
+        elif kind == "parquet":
+            parquet = ParquetSpec(
+                path or "data/parquet/{venue}/{kind}/{date}",
+                s.get("partition", "day"),
+                s.get("compression", "zstd"),
+                s.get("row_group_rows", 100_000),
+                dur(s.get("row_group_interval", "1m")),
+                dur(s.get("roll_interval", "10m")),
+            )
         return Sink(
-            s["type"],
+            kind,
             path,
-            units.duration(s.get("flush_interval", "1s")),
+            dur(s.get("flush_interval", "1s")),
             s.get("max_open_files", 64),
             tuple(s.get("kinds", ("trade", "ticker", "book"))),
+            name,
+            delivery,
+            kafka,
+            nats,
+            red,
+            parquet,
         )
+
+    def _spool_root(self) -> FsPath:
+        """spool/ beside the SQLite state file, else var/spool."""
+        url = self.d.get("state", {}).get("url", "sqlite:///var/feedrunner.db")
+        if isinstance(url, str) and url.startswith("sqlite:///") and ":memory:" not in url:
+            db = url.removeprefix("sqlite:///").split("?", 1)[0].removeprefix("file:")
+            return FsPath(db).parent / "spool"
+        return FsPath("var/spool")
 
     def _server(self, s: dict[str, Any]) -> Server:
         listen = s.get("listen", "127.0.0.1:9108")

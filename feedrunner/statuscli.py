@@ -131,6 +131,15 @@ def render_status(s: dict[str, Any]) -> str:
     for name, why in s.get("skipped", {}).items():
         lines.append(f"{name}  skipped: {why}")
     for name, k in s.get("sinks", {}).items():
+        if "spool_events" in k:  # a bus
+            line = (
+                f"sink {name}  {k['state']}  delivered {k['events_written']}  spool {k['spool_events']} events "
+                f"({k['spool_bytes']} bytes)  replayed {k['events_replayed']}  dropped {k['events_dropped']}"
+            )
+            if k["state"] != "ok" and k["last_error"]:
+                line += f"\n  {k['where']}: {k['last_error']}"
+            lines.append(line)
+            continue
         line = f"sink {name}  {k['state']}  written {k['events_written']}  failed {k['events_failed_total']}"
         if k["state"] == "failing":
             since = time.strftime("%H:%M:%S", time.localtime(k["since"]))

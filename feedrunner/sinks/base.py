@@ -131,7 +131,7 @@ class Sink(ABC):
     def __init__(self, spec: SinkSpec) -> None:
         self.spec = spec
         self.kinds = frozenset(spec.kinds)
-        self.name = spec.type + (f":{spec.path}" if spec.path else "")
+        self.name = spec.label
         self.state = SinkState(self.name)
 
     @abstractmethod
