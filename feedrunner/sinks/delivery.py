@@ -174,6 +174,8 @@ class Delivery:
 
     async def _run(self) -> None:
         while True:
+            if self._closing and self.failing:
+                return  # what is left stays in the spool
             if not self.connected:
                 try:
                     await asyncio.wait_for(self.bus.open(), self.conf.timeout)
@@ -313,8 +315,9 @@ class Delivery:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(self._idle()), deadline)
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # asyncio.wait, not await: on Python 3.11 a wait_for whose inner call finished as the cancel
+            # came swallows the cancel, and the loop above then ends at its next turn instead.
+            await asyncio.wait({self._task}, timeout=CLOSE_TIMEOUT)
         self._spill()
         try:
             self.spool.close()
