@@ -70,7 +70,8 @@ _SINK_KEYS = {
     "jsonl": _COMMON_SINK_KEYS | {"path", "flush_interval", "max_open_files"},
     "stdout": _COMMON_SINK_KEYS,
     "parquet": _COMMON_SINK_KEYS
-    | {"path", "flush_interval", "partition", "compression", "row_group_rows", "row_group_interval", "roll_interval"},
+    | {"path", "flush_interval", "max_open_files", "partition", "compression", "row_group_rows"}
+    | {"row_group_interval", "roll_interval"},
     "kafka": _BUS_KEYS
     | {"brokers", "topic", "key", "acks", "compression", "linger", "batch_bytes", "message_max_bytes"}
     | {"security_protocol", "sasl_mechanism", "username", "password", "ca_file", "cert_file", "key_file"},

@@ -165,7 +165,6 @@ class Spool:
         if self.spec.fsync == "always":
             self.sync()
         elif self.spec.fsync == "never":
-            self._fh.flush()
             self.unsynced = 0
         return True, dropped
 
@@ -175,7 +174,7 @@ class Spool:
             self._fh.close()
         start = self.end
         path = self.dir / f"{start:020d}{SUFFIX}"
-        self._fh = path.open("ab", buffering=1 << 16)
+        self._fh = path.open("ab", buffering=0)  # one write per batch: a killed process loses nothing appended
         self.segments.append(Segment(start, 0, 0, []))
         self._sync_dir()
 
@@ -196,7 +195,6 @@ class Spool:
         """Everything appended reaches the disk (fsync policy always and interval)."""
         if self._fh is None or not self._dirty:
             return
-        self._fh.flush()
         if self.spec.fsync != "never":
             os.fsync(self._fh.fileno())
         self._dirty = False
@@ -207,16 +205,12 @@ class Spool:
         """Called on the pipeline's flush timer: the interval fsync policy."""
         if self.spec.fsync == "interval" and time.monotonic() - self._synced_at >= self.spec.fsync_interval:
             self.sync()
-        elif self._fh is not None and self._dirty and self.spec.fsync == "never":
-            self._fh.flush()
 
     # -- replay -----------------------------------------------------------------------------------------
 
     def read(self, max_events: int) -> tuple[list[bytes], int, int]:
         """Records from the acknowledged position on, up to about `max_events` (at least one record):
         (payloads, events, position after them). Nothing advances until ack(position)."""
-        if self._fh is not None and self._dirty:
-            self._fh.flush()  # the reader opens the file separately
         out: list[bytes] = []
         events, pos = 0, self.acked
         for seg in self.segments:
