@@ -53,7 +53,7 @@ run: install
 	$(BIN)/feedrunner run $(FEEDS)
 
 test: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile
 
 validate: install
 	$(BIN)/feedrunner validate $(FEEDS)
