@@ -1091,8 +1091,11 @@ class _SpecBuilder:
                 self.err((*at, "retry", "cap"), "cap must be >= base")
             spool = SpoolSpec(
                 sp.get("path") or str(self._spool_root() / _safe_dir(label)),
-                int(units.size(sp.get("max_bytes", "1GiB"))),
-                int(units.size(sp.get("segment_bytes", "64MiB"))),
+                max_bytes := int(units.size(sp.get("max_bytes", "1GiB"))),
+                # Unset, a segment is an eighth of the bound (at most 64MiB): a full spool drops in steps.
+                int(units.size(sp["segment_bytes"]))
+                if "segment_bytes" in sp
+                else max(4096, min(64 << 20, max_bytes // 8)),
                 sp.get("fsync", "interval"),
                 dur(sp.get("fsync_interval", "1s")),
                 sp.get("overflow", "drop_oldest"),
