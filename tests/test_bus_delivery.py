@@ -18,6 +18,7 @@ import json
 import re
 import signal
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -355,3 +356,30 @@ def test_kill_dash_nine_while_the_spool_holds_events_then_they_arrive_after_rest
         }
         missing = want - set(on_bus.get(symbol, []))
         assert not missing, f"{symbol}: {len(missing)} of {len(want)} trades never reached the bus"
+
+
+@pytest.mark.timeout(90)
+def test_a_bus_unreachable_at_start_does_not_stop_the_runner_it_spools_and_says_so(tmp_path: Path):
+    from servers import free_port
+
+    class Nowhere(Bus):
+        type = "redis"
+
+        def sink(self) -> str:
+            return f"{{type: redis, url: 'redis://127.0.0.1:{free_port()}/0'"
+
+    _feeds(tmp_path, Nowhere(tmp_path), SYMBOLS[:1], rate=100)
+    run = Run(tmp_path)
+    try:
+        run.wait("spooling", lambda: run.metric("feedrunner_sink_spool_events", sink="redis") > 200, 30)
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            run.get("/readyz")
+        assert answer.value.code == 503 and b"sink redis: cannot deliver" in answer.value.read()
+        assert run.metric("feedrunner_sink_up", sink="redis") == 0
+        assert run.metric("feedrunner_sink_events_written_total", sink="jsonl:out/{venue}.jsonl") > 0
+    finally:
+        code = run.stop()
+    assert code == 0
+    log = run.log.read_text()
+    assert "runner started" in log and "sink redis cannot deliver (open:" in log
+    assert "closed with" in log and "replayed at the next start" in log
