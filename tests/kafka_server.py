@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.resources
 import os
-import signal
 import socket
 import subprocess
 import tempfile
@@ -48,8 +47,10 @@ class Record:
     offset: int
 
 
-class KafkaServer:
+class KafkaServer(servers.ServerProcess):
     """One Tansu broker on 127.0.0.1; start() returns once it answers a metadata request."""
+
+    grace = 1.0  # Tansu waits for connected clients to leave after SIGTERM
 
     def __init__(self, authentication: bool = False) -> None:
         self.authentication = authentication  # SASL required; no user exists, so every client is refused
@@ -96,28 +97,6 @@ class KafkaServer:
         except KafkaException:
             return False
         return True
-
-    def stop(self, grace: float = 1.0) -> None:
-        """SIGTERM, then SIGKILL after `grace` seconds (Tansu waits for connected clients to leave); idempotent."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
-
-    def kill(self) -> None:
-        """SIGKILL: no goodbye to clients, as in a crash."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(5)
-        self.proc = None
 
     def restart(self) -> None:
         """The same port; the topics created before are created again (memory storage starts empty)."""

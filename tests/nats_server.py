@@ -32,7 +32,7 @@ def binary() -> str:
     return found
 
 
-class NatsServer:
+class NatsServer(servers.ServerProcess):
     """One nats-server process on 127.0.0.1; start() returns once the port accepts connections."""
 
     def __init__(self, user: str | None = None, password: str | None = None) -> None:
@@ -64,28 +64,6 @@ class NatsServer:
                 time.sleep(0.05)
         self.kill()
         raise RuntimeError(f"nats-server did not listen on {self.port} within {timeout}s")
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it lingers; idempotent."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown, no goodbye to clients, as in a crash."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(5)
-        self.proc = None
 
     def pause(self) -> None:
         """SIGSTOP: connections stay open and nothing answers, as with a hung server or a lost route.

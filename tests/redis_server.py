@@ -31,7 +31,7 @@ def binary() -> str:
     return found
 
 
-class RedisServer:
+class RedisServer(servers.ServerProcess):
     """One redis-server process on 127.0.0.1; start() returns once it answers PING."""
 
     def __init__(self, password: str | None = None) -> None:
@@ -73,28 +73,6 @@ class RedisServer:
             return False
         finally:
             client.close()
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it lingers; idempotent."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown, no goodbye to clients, as in a crash."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(5)
-        self.proc = None
 
     def freeze(self) -> None:
         """SIGSTOP: connections stay open and nothing answers, as behind a dead link."""

@@ -26,6 +26,34 @@ def unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
+class ServerProcess:
+    """A test server's process: stop() gently then firmly, kill() as in a crash; both idempotent."""
+
+    grace = 5.0  # seconds stop() waits after SIGTERM before SIGKILL
+    proc: subprocess.Popen[bytes] | None = None
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(self.grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no goodbye to clients."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
