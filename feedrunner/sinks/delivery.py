@@ -43,7 +43,6 @@ class Delivery:
     def __init__(self, bus: BusSink, metrics: Metrics) -> None:
         assert bus.spec.delivery is not None
         self.bus = bus
-        self.spec = bus.spec
         self.conf = bus.spec.delivery
         self.name = bus.name
         self.kinds = bus.kinds
@@ -64,7 +63,6 @@ class Delivery:
         self.last_error: str | None = None
         self.attempts = 0
         self.episode_spooled = 0
-        self.drained_at: float | None = None
         self._marks: deque[tuple[int, int]] = deque()  # (pipeline mark, self.offered then)
         self._durable = 0
         self.dropped_at: float | None = None  # monotonic time of the last drop (alerts)
@@ -292,7 +290,6 @@ class Delivery:
         self._gauges()
 
     def _drained(self) -> None:
-        self.drained_at = time.time()
         logger.info("sink {}: spool drained, {} events replayed since start", self.name, self.replayed)
 
     def _gauges(self) -> None:
