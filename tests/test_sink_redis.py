@@ -146,7 +146,7 @@ async def test_maxlen_caps_each_stream_approximately(server: RedisServer, make_s
     assert ids(entries)[-1] == "binance:BTC/USDT:trade:2999"  # the newest are the ones kept
 
 
-async def test_a_key_of_another_type_is_permanent_even_when_the_rest_went_in(
+async def test_a_key_of_another_type_is_permanent_and_stops_the_chunk_at_the_refused_entry(
     server: RedisServer, make_sink: MakeSink
 ) -> None:
     client = server.client()
@@ -159,7 +159,8 @@ async def test_a_key_of_another_type_is_permanent_even_when_the_rest_went_in(
     batch = [trade(i, ("BTC/USDT", "ETH/USDT")[i % 2]) for i in range(20)]
     with pytest.raises(Permanent):
         await sink.send(batch)
-    assert len(await read_stream(server, "md:binance:trade:BTC/USDT")) == 10  # added, yet the batch failed
+    # The entry before the refused one went in, none after it did; the batch failed all the same.
+    assert ids(await read_stream(server, "md:binance:trade:BTC/USDT")) == ["binance:BTC/USDT:trade:0"]
 
 
 async def test_a_server_out_of_memory_is_transient_and_takes_the_batch_once_memory_frees(
@@ -240,3 +241,19 @@ async def test_a_server_that_stops_answering_is_transient_within_the_timeout(
         assert time.monotonic() - started < 8
     finally:
         server.thaw()
+
+
+async def test_a_user_not_allowed_eval_is_permanent_and_named(server: RedisServer, make_sink: MakeSink) -> None:
+    """The sink writes through EVAL: an ACL granting only XADD is an operator's matter, said as such."""
+    client = server.client()
+    try:
+        await client.execute_command("ACL", "SETUSER", "writer", "on", ">pw", "~*", "+ping", "+client|setname", "+xadd", "+xtrim")
+    finally:
+        await client.aclose()
+    sink = make_sink(f"redis://writer:pw@127.0.0.1:{server.port}/0")
+    await sink.open()
+    with pytest.raises(Permanent) as caught:
+        await sink.send([trade(0)])
+    assert "eval" in str(caught.value).lower()
+    assert "pw@" not in str(caught.value)
+    assert await read_stream(server, "md:binance:trade:BTC/USDT") == []

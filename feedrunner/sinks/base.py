@@ -166,6 +166,15 @@ def encode_lines(events: Sequence[Event]) -> bytes:
     return orjson.dumps([to_dict(e) for e in events])[1:-1].replace(_SPLIT, _JOIN) + b"\n"
 
 
+def encode_each(events: Sequence[Event]) -> list[bytes]:
+    """Each event's JSON record, from one orjson call for the batch (as `encode_lines`): a message per
+    event on a bus costs one split instead of one encoder per event. orjson escapes every newline inside a
+    string, so the only newlines are the ones `encode_lines` put between records."""
+    if not events:
+        return []
+    return orjson.dumps([to_dict(e) for e in events])[1:-1].replace(_SPLIT, _JOIN).split(b"\n")
+
+
 def dumps(event: Event) -> str:
     """One record as a JSON line without its newline (tools, tests)."""
     return orjson.dumps(to_dict(event)).decode()

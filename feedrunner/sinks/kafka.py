@@ -23,11 +23,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import orjson
 from confluent_kafka import KafkaError, KafkaException, Producer
 from loguru import logger
 
-from feedrunner.events import Event, event_id, to_dict
+from feedrunner.events import Event, event_id
+from feedrunner.sinks.base import encode_each
 from feedrunner.sinks.bus import BusSink, DeliveryError, Permanent, Transient, render
 from feedrunner.spec import KafkaSpec
 from feedrunner.spec import Sink as SinkSpec
@@ -261,13 +261,12 @@ class KafkaSink(BusSink):
     def _encode(self, events: Sequence[Event]) -> list[tuple[str, bytes, bytes, str]]:
         """(topic, key, value, event id) per event; refuses the batch before any of it is produced when
         one message is larger than message_max_bytes, since sending the rest would repeat on every retry."""
-        dumps, routes, route = orjson.dumps, self._routes, self._route
+        routes, route = self._routes, self._route
         limit = self.conf.message_max_bytes - RECORD_OVERHEAD - len(HEADER)
         out: list[tuple[str, bytes, bytes, str]] = []
         append = out.append
-        for e in events:
+        for e, value in zip(events, encode_each(events), strict=True):
             r = routes.get((e.venue, e.kind, e.symbol)) or route(e)
-            value = dumps(to_dict(e))
             eid = event_id(e)
             if len(value) + len(r[1]) + len(eid) > limit:
                 raise Permanent(

@@ -32,7 +32,8 @@ from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import APIError, NotFoundError
 
-from feedrunner.events import Event, event_id, to_dict
+from feedrunner.events import Event, event_id
+from feedrunner.sinks.base import encode_each
 from feedrunner.sinks.bus import BusSink, Permanent, Transient, render
 from feedrunner.spec import NatsSpec
 from feedrunner.spec import Sink as SinkSpec
@@ -41,6 +42,7 @@ CONNECT_TIMEOUT = 5.0  # seconds for one server's TCP, TLS and handshake; the wh
 API_TIMEOUT = 5.0  # seconds for a JetStream API request (stream info, create)
 CLOSE_TIMEOUT = 2.0
 LIVENESS = 0.25  # seconds between connection checks while acknowledgements are awaited
+SUBJECTS_MAX = 100_000  # cached subjects; the spec's symbols and kinds bound them well below this
 YIELD_EVERY = 256  # publishes between yields, so the flusher and the ack reader run while a batch goes out
 _UNSAFE = re.compile(r"[^\w\-+=:@#]")  # \w is unicode letters, digits and '_'
 _AUTH_WORDS = ("authorization", "authentication", "permissions violation")
@@ -102,7 +104,7 @@ class NatsSink(BusSink):
         self._prefix = ""
         self._next = 0  # the next ack token on this connection
         self._batch: _Batch | None = None
-        self._symbols: dict[str, str] = {}
+        self._subjects: dict[tuple[str, str, str], str] = {}  # (venue, kind, symbol) -> subject
 
     def where(self) -> str:
         return f"nats {','.join(self._hosts)} subject {self.cfg.subject} stream {self.cfg.stream}"
@@ -243,9 +245,9 @@ class NatsSink(BusSink):
             raise await self._classify(batch.error, events)
 
     async def _publish(self, nc: Client, batch: _Batch, events: Sequence[Event]) -> None:
-        limit, template, prefix, symbols = self.cfg.max_pending, self.cfg.subject, self._prefix, self._symbols
+        limit, prefix, subjects, subject_of = self.cfg.max_pending, self._prefix, self._subjects, self._subject
         token = batch.base
-        for i, e in enumerate(events):
+        for i, (e, value) in enumerate(zip(events, encode_each(events), strict=True)):
             if i - batch.acked >= limit or i % YIELD_EVERY == 0:
                 while i - batch.acked >= limit and batch.error is None:
                     await self._wait(nc, batch)
@@ -253,19 +255,20 @@ class NatsSink(BusSink):
                     await asyncio.sleep(0)
             if batch.error is not None:
                 return
-            symbol = symbols.get(e.symbol)
-            if symbol is None:
-                symbol = symbols[e.symbol] = safe_token(e.symbol)
-            subject = render(template, e, symbol=symbol)
+            subject = subjects.get((e.venue, e.kind, e.symbol)) or subject_of(e)
             try:
-                await nc.publish(
-                    subject, orjson.dumps(to_dict(e)), reply=f"{prefix}{token}", headers={"Nats-Msg-Id": event_id(e)}
-                )
+                await nc.publish(subject, value, reply=f"{prefix}{token}", headers={"Nats-Msg-Id": event_id(e)})
             except (MaxPayloadError, BadSubjectError) as err:
                 raise Permanent(f"{self.where()}: {subject} refused: {self._say(err)}") from err
             except (NatsError, OSError) as err:
                 raise Transient(f"{self.where()}: cannot publish: {self._say(err)}") from err
             token += 1
+
+    def _subject(self, e: Event) -> str:
+        if len(self._subjects) >= SUBJECTS_MAX:
+            self._subjects.clear()
+        subject = self._subjects[(e.venue, e.kind, e.symbol)] = render(self.cfg.subject, e, symbol=safe_token(e.symbol))
+        return subject
 
     async def _wait(self, nc: Client, batch: _Batch) -> None:
         """Until an ack or a failure wakes the batch; a connection the client closed without calling back
@@ -297,7 +300,7 @@ class NatsSink(BusSink):
     async def _classify(self, error: Exception, events: Sequence[Event]) -> Exception:
         if not isinstance(error, _AckError):
             return error
-        subject = render(self.cfg.subject, events[error.index], symbol=safe_token(events[error.index].symbol))
+        subject = self._subject(events[error.index])
         if error.status == "503" or error.code == 503:
             # No stream answered: JetStream restarting, or the stream gone or changed under the sink.
             try:
