@@ -1,12 +1,18 @@
 """The bus sinks (Kafka on Tansu, NATS JetStream, Redis Streams) through their Delivery, against JSONL.
 
-1. Flood: 200k pre-built trades (20 symbols, the pipeline's batches of 2,048) written into a Delivery as
-   fast as the bus acknowledges them, its buffer kept below its bound so nothing spills to the spool;
-   timed from the first write to the last acknowledgement. Baseline, in the same run and on the same
-   events: JsonlSink.write of every batch and one flush.
+1. Flood, the sink alone (its ceiling): 200k pre-built trades (20 symbols, the pipeline's batches of
+   2,048) written into a Delivery as fast as the bus acknowledges them, its buffer kept below its
+   bound so nothing spills to the spool; timed from the first write to the last acknowledgement.
+   Baseline, in the same run and on the same events: JsonlSink.write of every batch and one flush.
 2. Latency at 5k events/s: batches of 50 every 10 ms, each event stamped (ts_received) as it is written;
    a consumer in another process notes when each message arrives. The first second is warm-up.
-3. Outage at 5k events/s: the bus is unavailable for FEEDRUNNER_BENCH_OUTAGE seconds (default 60): NATS
+3. Through the runner: `feedrunner sim binance` in its own process offers trades; the runner streams
+   them with one sink, JSONL or a bus, and the trades per second that sink takes (JSONL: written; a
+   bus: acknowledged) are compared. The bus sink's work shares the runner's core with the feed. Twice:
+   at the flood rate of bench.ccxt_stream (1 symbol, 20k/s offered), and saturated (2 symbols, 40k/s
+   offered, more than one runner parses with a bus sink), where what a bus cannot take in time is
+   spooled, as it must be, and counted.
+4. Outage at 5k events/s: the bus is unavailable for FEEDRUNNER_BENCH_OUTAGE seconds (default 60): NATS
    and Redis are killed and started again on the same port; Tansu keeps its data in memory only, so it
    is frozen (SIGSTOP) and thawed instead. Then the spool replays; once it is drained a consumer reads
    the whole bus and de-duplicates by event id: every event written must be there.
@@ -66,6 +72,11 @@ KAFKA_PARTITIONS = 3
 # after the bus is back may come up to 36 s later, which would be counted as replay time.
 OUTAGE_TIMEOUT = 2.0
 OUTAGE_RETRY = Retry(base=0.2, cap=1.0)
+RUNNER_RATE = 20_000  # trades/s per symbol offered: bench.ccxt_stream's flood
+RUNNER_FLOOD = ["BTC/USDT"]
+RUNNER_SATURATED = ["BTC/USDT", "ETH/USDT"]
+RUNNER_SECONDS = float(os.environ.get("BENCH_FLOOD_SECONDS", 8))
+RUNNER_WARMUP = 3.0
 NOT_RUN = (pytest.skip.Exception, pytest.fail.Exception, ImportError, RuntimeError, OSError)
 
 
@@ -108,6 +119,10 @@ class Bus:
     def spec(self, part: str, delivery: DeliverySpec) -> SinkSpec:
         raise NotImplementedError
 
+    def doc(self, part: str) -> dict[str, Any]:
+        """The sink as feeds.yaml declares it."""
+        raise NotImplementedError
+
     def prepare(self, part: str, venue: str) -> None:
         """Before a Delivery sends to `part` for `venue`."""
 
@@ -144,6 +159,9 @@ class KafkaBus(Bus):
     def spec(self, part: str, delivery: DeliverySpec) -> SinkSpec:
         conf = KafkaSpec(brokers=(self.server.bootstrap,), topic=f"{part}.{{venue}}.{{kind}}")
         return SinkSpec(type="kafka", name="kafka", delivery=delivery, kafka=conf)
+
+    def doc(self, part: str) -> dict[str, Any]:
+        return {"type": "kafka", "brokers": [self.server.bootstrap], "topic": f"{part}.{{venue}}.{{kind}}"}
 
     def prepare(self, part: str, venue: str) -> None:
         self.server.create_topic(self.topic(part, venue), KAFKA_PARTITIONS)
@@ -187,6 +205,10 @@ class NatsBus(Bus):
         )
         return SinkSpec(type="nats", name="nats", delivery=delivery, nats=conf)
 
+    def doc(self, part: str) -> dict[str, Any]:
+        subject = f"{part}.{{venue}}.{{kind}}.{{symbol}}"
+        return {"type": "nats", "servers": [self.server.url], "subject": subject, "stream": part.upper()}
+
     def consumer(self, part: str, venue: str) -> dict[str, Any]:
         return {"type": "nats", "url": self.server.url, "stream": part.upper(), "subject": f"{part}.{venue}.*.*"}
 
@@ -223,6 +245,9 @@ class RedisBus(Bus):
     def spec(self, part: str, delivery: DeliverySpec) -> SinkSpec:
         conf = RedisSpec(url=Secret(self.server.url), stream=f"{part}:{{venue}}:{{kind}}")
         return SinkSpec(type="redis", name="redis", delivery=delivery, redis=conf)
+
+    def doc(self, part: str) -> dict[str, Any]:
+        return {"type": "redis", "url": self.server.url, "stream": f"{part}:{{venue}}:{{kind}}"}
 
     def consumer(self, part: str, venue: str) -> dict[str, Any]:
         return {"type": "redis", "port": self.server.port, "key": self.key(part, venue)}
@@ -554,7 +579,72 @@ async def latency(buses: list[Bus], root: str) -> dict[str, Any]:
     return out
 
 
-# -- 3. outage ------------------------------------------------------------------------------------------
+# -- 3. through the runner ---------------------------------------------------------------------------
+
+
+async def runner_rate(sink: dict[str, Any], endpoints: dict[str, str], symbols: list[str]) -> tuple[float, int]:
+    """(trades/s the runner's one sink takes after a warm-up, events it spooled meanwhile)."""
+    from bench.ccxt_stream import _spec
+    from feedrunner.runner import Runner, freeze_heap_when_up
+
+    runner = Runner(_spec(endpoints, symbols, sinks=[sink]))
+    d = runner.pipeline.deliveries[0] if runner.pipeline.deliveries else None
+
+    def taken() -> tuple[int, int]:
+        return (d.acked, d.spooled) if d is not None else (runner.pipeline.written, 0)
+
+    await runner.start()
+    try:
+        await freeze_heap_when_up(runner)
+        await asyncio.sleep(RUNNER_WARMUP)
+        (n0, s0), t0 = taken(), time.monotonic()
+        await asyncio.sleep(RUNNER_SECONDS)
+        n1, s1 = taken()
+        return (n1 - n0) / (time.monotonic() - t0), s1 - s0
+    finally:
+        await runner.stop()
+
+
+async def through_runner(buses: list[Bus], root: str, symbols: list[str]) -> dict[str, Any]:
+    from bench.ccxt_stream import Sim
+
+    sim = Sim(symbols, RUNNER_RATE)
+    rates: dict[str, list[float]] = {"jsonl": [], **{b.type: [] for b in buses}}
+    spooled: dict[str, int] = dict.fromkeys(rates, 0)
+    try:
+        for bus in buses:
+            await asyncio.to_thread(bus.prepare, "runner", "binance")
+        for run in range(RUNS):
+            directory = tempfile.mkdtemp(prefix=f"runner-{run}-", dir=root)
+            jsonl = {"type": "jsonl", "path": f"{directory}/{{venue}}/{{date}}.jsonl"}
+            rates["jsonl"].append((await runner_rate(jsonl, sim.endpoints, symbols))[0])
+            for bus in buses:
+                spool = tempfile.mkdtemp(prefix=f"{bus.type}-runner-", dir=root)
+                rate, n = await runner_rate({**bus.doc("runner"), "spool": {"path": spool}}, sim.endpoints, symbols)
+                rates[bus.type].append(rate)
+                spooled[bus.type] += n
+    finally:
+        sim.close()
+    base = statistics.median(rates["jsonl"])
+    out: dict[str, Any] = {
+        "offered_per_s": RUNNER_RATE * len(symbols),
+        "symbols": len(symbols),
+        "seconds": RUNNER_SECONDS,
+        "runs": RUNS,
+        "target_ratio": 0.8,
+    }
+    for name, rs in rates.items():
+        m = statistics.median(rs)
+        out[name] = {
+            "trades_per_s": round(m),
+            "ratio_vs_jsonl": round(m / base, 3),
+            "runs": [round(r) for r in rs],
+            "spooled": spooled[name],
+        }
+    return out
+
+
+# -- 4. outage ------------------------------------------------------------------------------------------
 
 
 async def outage_bus(bus: Bus, root: str) -> dict[str, Any]:
@@ -666,9 +756,24 @@ def show_latency(lat: dict[str, Any], skipped: dict[str, str]) -> None:
     print(f"  goal: p99 <= {lat['target_p99_ms']} ms")
 
 
+def show_runner(r: dict[str, Any], skipped: dict[str, str], what: str) -> None:
+    print(
+        f"3. through the runner, {what}: binance simulator offering {r['offered_per_s']:,} trades/s over"
+        f" {r['symbols']} symbol(s), one sink, {r['seconds']:g} s after warm-up; median of {r['runs']} runs"
+    )
+    print(f"  {'sink':<6} {'trades/s':>10} {'vs JSONL':>9} {'spooled':>8}  runs (trades/s)")
+    for name in ("jsonl", "kafka", "nats", "redis"):
+        if name in skipped:
+            print(f"  {name:<6} skipped: {skipped[name]}")
+            continue
+        b = r[name]
+        print(f"  {name:<6} {b['trades_per_s']:>10,} {b['ratio_vs_jsonl']:>9.3f} {b['spooled']:>8}  {b['runs']}")
+    print(f"  goal: bus / JSONL >= {r['target_ratio']} (a bus: trades acknowledged; JSONL: trades written)")
+
+
 def show_outage(o: dict[str, Any], skipped: dict[str, str]) -> None:
     print(
-        f"3. outage of {o['outage_s']:g} s at {o['rate_per_s']:,} events/s, one run per bus (delivery timeout"
+        f"4. outage of {o['outage_s']:g} s at {o['rate_per_s']:,} events/s, one run per bus (delivery timeout"
         f" {o['delivery_timeout_s']:g} s, retry {o['retry']['base_s']:g}..{o['retry']['cap_s']:g} s)"
     )
     print(
@@ -700,6 +805,10 @@ async def amain() -> dict[str, Any]:
         show_flood(figures["flood"], skipped)
         figures["latency"] = await latency(buses, root)
         show_latency(figures["latency"], skipped)
+        figures["runner_flood"] = await through_runner(buses, root, RUNNER_FLOOD)
+        show_runner(figures["runner_flood"], skipped, "at the flood rate")
+        figures["runner_saturated"] = await through_runner(buses, root, RUNNER_SATURATED)
+        show_runner(figures["runner_saturated"], skipped, "saturated")
         figures["outage"] = await outage(buses, root)
         show_outage(figures["outage"], skipped)
     finally:

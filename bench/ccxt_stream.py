@@ -134,7 +134,12 @@ class LatencySink(JsonlSink):
         return latencies(self.written, sent)
 
 
-def _spec(endpoints: dict[str, str], symbols: Sequence[str], transport: str = "websocket") -> Any:
+def _spec(
+    endpoints: dict[str, str],
+    symbols: Sequence[str],
+    transport: str = "websocket",
+    sinks: Sequence[dict[str, Any]] = ({"type": "stdout"},),
+) -> Any:
     doc = {
         "version": 1,
         "environment": "live",
@@ -151,7 +156,7 @@ def _spec(endpoints: dict[str, str], symbols: Sequence[str], transport: str = "w
                 "trades_buffer": 10_000,
             }
         },
-        "sinks": [{"type": "stdout"}],
+        "sinks": list(sinks),
     }
     spec, problems = check_text(yaml.safe_dump(doc), "bench.yaml", {})
     assert spec is not None, problems
