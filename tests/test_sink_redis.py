@@ -247,7 +247,9 @@ async def test_a_user_not_allowed_eval_is_permanent_and_named(server: RedisServe
     """The sink writes through EVAL: an ACL granting only XADD is an operator's matter, said as such."""
     client = server.client()
     try:
-        await client.execute_command("ACL", "SETUSER", "writer", "on", ">pw", "~*", "+ping", "+client|setname", "+xadd", "+xtrim")
+        await client.execute_command(
+            "ACL", "SETUSER", "writer", "on", ">pw", "~*", "+ping", "+client|setname", "+xadd", "+xtrim"
+        )
     finally:
         await client.aclose()
     sink = make_sink(f"redis://writer:pw@127.0.0.1:{server.port}/0")
