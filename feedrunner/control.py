@@ -1,4 +1,5 @@
-"""The HTTP server: /metrics /healthz /readyz /status /config, POST /rollout/{action} and POST /reload.
+"""The HTTP server: the status page at /, /metrics /healthz /readyz /status /status/latency /config,
+POST /rollout/{action} and POST /reload.
 
 Binds where server.listen says (loopback by default). Every request passes, in order:
 - Host: it must name the listen address (127.0.0.1, localhost and [::1] are equivalent on loopback) or
@@ -11,8 +12,12 @@ Binds where server.listen says (loopback by default). Every request passes, in o
 - the bearer token, when one is set (not on the probes): `Authorization: Bearer <token>`, the scheme in
   any case, compared as bytes in constant time; anything else 401.
 - anything but GET and HEAD (every call that changes state) needs a non-empty `X-Feedrunner` header
-  (the CLI sends `X-Feedrunner: 1`), which no HTML form or simple cross-site request can send: 403
-  without it.
+  (the CLI and the page send `X-Feedrunner: 1`), which no HTML form or simple cross-site request can
+  send: 403 without it. With no token, it must also come through a loopback Host: a page reached through
+  a proxy under another name (server.allowed_hosts) is read-only, since anyone who can reach the proxy
+  could otherwise steer.
+The page and its two assets need no token (they hold no data: the page asks for the token and sends it
+with each call); they forbid framing (no clickjacking of the steering buttons) and load nothing foreign.
 Connections are bounded too: server.max_connections at once (one more gets 503 and is closed) and
 server.header_timeout to send a complete request head (408 and closed), so slow clients cannot hold it.
 Every refusal is one log line and a count in feedrunner_http_rejected_total{reason}; aiohttp's own
@@ -34,6 +39,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from loguru import logger
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
+from feedrunner import page
 from feedrunner.plan import FINGERPRINT_BUDGET, fingerprint, spec_to_dict
 from feedrunner.rollout import ActionError
 
@@ -42,11 +48,14 @@ if TYPE_CHECKING:
 
 SHUTDOWN_TIMEOUT = 2.0  # seconds requests in progress get at stop (aiohttp's 60 would outlast the deadline)
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+PAGE_PATHS = frozenset({"/", *page.ASSETS})  # need the Host check, not the token
 SAFE_METHODS = frozenset({"GET", "HEAD"})
 CSRF_HEADER = "X-Feedrunner"
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 MAX_BODY = 64 * 1024  # the largest body any endpoint reads (a list of secrets to fingerprint)
 MAX_FINGERPRINTS = 64  # per request
+LATENCY_WINDOW_MAX = 3600  # seconds of latency series /status/latency returns at most
+LATENCY_POINTS_MAX = 720  # points per series
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -202,7 +211,11 @@ class ControlServer:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/", self._page)
+        for asset in page.ASSETS:
+            app.router.add_get(asset, self._asset)
         app.router.add_get("/status", self._status)
+        app.router.add_get("/status/latency", self._latency)
         app.router.add_post("/rollout/{action}", self._rollout)
         app.router.add_post("/reload", self._reload)
         app.router.add_get("/config", self._config)
@@ -295,15 +308,23 @@ class ControlServer:
             if not same:
                 return "origin", 403, "cross-origin requests are refused"
         token = self.spec.token
-        if token is not None and request.path not in OPEN_PATHS:
+        if token is not None and request.path not in OPEN_PATHS | PAGE_PATHS:
             scheme, _, credentials = request.headers.get("Authorization", "").strip().partition(" ")
             given = credentials.strip().encode("utf-8", "surrogateescape") if scheme.lower() == "bearer" else b""
             # compare_digest always runs, so a bare token or another scheme costs the same as a wrong one.
             if not hmac.compare_digest(given, token.reveal().encode("utf-8", "surrogateescape")):
                 return "auth", 401, "missing or wrong bearer token"
-        if request.method not in SAFE_METHODS and not request.headers.get(CSRF_HEADER):
-            return "csrf", 403, f"a {request.method} needs the header {CSRF_HEADER}: 1"
+        if request.method not in SAFE_METHODS:
+            if not request.headers.get(CSRF_HEADER):
+                return "csrf", 403, f"a {request.method} needs the header {CSRF_HEADER}: 1"
+            if not self.steerable(request):
+                return "read_only", 403, "steering through a proxied Host needs server.token"
         return None
+
+    def steerable(self, request: web.Request) -> bool:
+        """May this request change state? With a token, whoever has it; without, only through loopback."""
+        host = _authority(request.headers.get("Host", ""))
+        return self.spec.token is not None or (host is not None and host[0] in LOOPBACK_NAMES)
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -356,6 +377,29 @@ class ControlServer:
 
     async def _status(self, request: web.Request) -> web.Response:
         return _json(self.runner.status())
+
+    async def _latency(self, request: web.Request) -> web.Response:
+        """Latency p50/p99 per venue and transport over a recent window, for the page's charts."""
+        try:
+            window = int(request.query.get("window", "300"))
+            step = int(request.query.get("step", "5"))
+        except ValueError:
+            raise web.HTTPBadRequest(reason="window and step are whole seconds") from None
+        if not (1 <= window <= LATENCY_WINDOW_MAX and 1 <= step and window / step <= LATENCY_POINTS_MAX):
+            raise web.HTTPBadRequest(
+                reason=f"window is 1-{LATENCY_WINDOW_MAX}s and at most {LATENCY_POINTS_MAX} steps of it"
+            )
+        health = self.runner.health
+        series = {venue: health.latency_series(venue, window, step) for venue in self.runner.adapters}
+        return _json({"window": window, "step": step, "now": time.time(), "venues": series})
+
+    async def _page(self, request: web.Request) -> web.Response:
+        html = page.render(steer=self.steerable(request), token=self.spec.token is not None)
+        return web.Response(text=html, content_type="text/html", headers=page.HEADERS)
+
+    async def _asset(self, request: web.Request) -> web.Response:
+        body, content_type = page.asset(request.path)
+        return web.Response(body=body, content_type=content_type, headers=page.HEADERS)
 
     async def _reload(self, request: web.Request) -> web.Response:
         result, changes, problems = await self.runner.reload_file()

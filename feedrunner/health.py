@@ -141,6 +141,16 @@ INSTANT_METRICS = frozenset({"staleness", "memory_rss"})  # read now; their wind
 SLACK = 2.0  # seconds of coverage a window may miss: sampling is once a second, the health job periodic
 
 
+def _quantile(hist: list[int], n: int, q: float) -> float:
+    """The upper edge of the bucket holding rank q*n (the last finite edge for the overflow bucket)."""
+    rank, acc = q * n, 0
+    for edge, c in zip(EDGES, hist, strict=True):
+        acc += c
+        if acc >= rank:
+            return edge if math.isfinite(edge) else EDGES[-2]
+    return EDGES[-2]
+
+
 class Health:
     def __init__(self, windows: Iterable[float] = (), clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
@@ -226,12 +236,26 @@ class Health:
         if q is None:
             return Reading(sum(b.latency_sum for b in buckets) / n, n)
         merged = [sum(b.hist[i] for b in buckets) for i in range(len(EDGES))]
-        rank, acc = q * n, 0
-        for edge, c in zip(EDGES, merged, strict=True):
-            acc += c
-            if acc >= rank:
-                return Reading(edge if math.isfinite(edge) else EDGES[-2], n)
-        return Reading(EDGES[-2], n)
+        return Reading(_quantile(merged, n, q), n)
+
+    def latency_series(self, venue: str, seconds: int, step: int) -> dict[str, list[list[float]]]:
+        """Per transport of `venue`: [start second, p50, p99, samples] for each `step` seconds of the last
+        `seconds` that saw a latency, oldest first (what the status page draws)."""
+        start = self.clock() - seconds
+        out: dict[str, list[list[float]]] = {}
+        for (v, transport), s in self.series.items():
+            if v != venue:
+                continue
+            steps: dict[int, list[int]] = {}
+            for b in s.window(self.clock(), seconds):
+                if b.latency_n and b.second >= start:
+                    merged = steps.setdefault(b.second - b.second % step, [0] * len(EDGES))
+                    for i, c in enumerate(b.hist):
+                        merged[i] += c
+            out[transport] = [
+                [t, _quantile(h, sum(h), 0.5), _quantile(h, sum(h), 0.99), sum(h)] for t, h in sorted(steps.items())
+            ]
+        return out
 
     def rate(self, venues: Iterable[str], window: float, transport: str | None = None) -> Reading:
         buckets = self._events(set(venues), transport, window)

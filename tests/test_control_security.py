@@ -23,6 +23,7 @@ from loguru import logger
 
 from feedrunner.cli import main
 from feedrunner.control import ControlServer
+from feedrunner.health import Health, Series
 from feedrunner.metrics import Metrics
 from feedrunner.spec import check_text
 
@@ -60,6 +61,8 @@ class Runner:
         self.metrics = Metrics()
         self.rollout = Rollout()
         self.fail_status = False
+        self.health = Health()
+        self.adapters: dict[str, Any] = {}
 
     def refresh_gauges(self) -> None:
         pass
@@ -94,8 +97,8 @@ async def serving(spec: Any) -> AsyncIterator[tuple[ControlServer, Runner]]:
         await control.stop()
 
 
-async def exchange(port: int, head: bytes, timeout: float = 5.0) -> tuple[int, bytes]:
-    """Send raw bytes, read the whole answer (the server closes), return (status, body)."""
+async def answer(port: int, head: bytes, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+    """Send raw bytes, read the whole answer (the server closes), return (status, headers, body)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(head)
@@ -104,7 +107,14 @@ async def exchange(port: int, head: bytes, timeout: float = 5.0) -> tuple[int, b
     finally:
         writer.close()
     status_line, _, rest = data.partition(b"\r\n")
-    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+    head_block, _, body = rest.partition(b"\r\n\r\n")
+    headers = dict(line.decode().split(": ", 1) for line in head_block.split(b"\r\n") if b": " in line)
+    return int(status_line.split()[1]), {k.lower(): v for k, v in headers.items()}, body
+
+
+async def exchange(port: int, head: bytes, timeout: float = 5.0) -> tuple[int, bytes]:
+    status, _, body = await answer(port, head, timeout)
+    return status, body
 
 
 def request(port: int, method: str = "GET", path: str = "/status", host: str | None = None, **headers: str) -> bytes:
@@ -404,3 +414,71 @@ def test_a_default_written_in_the_file_is_no_secret_and_a_value_from_the_environ
     spec, _ = check_text(text, "f.yaml", {"STATE_URL": "sqlite:///other.db"})
     assert spec is not None
     assert "other.db" not in str(spec_to_dict(spec)["state_url"])
+
+
+# --- the status page --------------------------------------------------------------------------------------
+
+
+async def test_the_page_needs_no_token_holds_no_data_and_forbids_framing():
+    server = '{listen: "127.0.0.1:0", token: "${FEEDRUNNER_TOKEN}"}'
+    async with serving(spec_of(server=server, env={"FEEDRUNNER_TOKEN": "tok-1234"})) as (control, _):
+        port = control.port
+        status, headers, body = await answer(port, request(port, path="/"))
+        assert status == 200 and headers["content-type"].startswith("text/html")
+        assert b'data-steer="1" data-token="1"' in body  # steering is for whoever has the token
+        assert b"tok-1234" not in body
+        assert "frame-ancestors 'none'" in headers["content-security-policy"]
+        assert "script-src 'self'" in headers["content-security-policy"]
+        assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff"
+        for path, kind in [("/page.js", "application/javascript"), ("/page.css", "text/css")]:
+            status, headers, body = await answer(port, request(port, path=path))
+            assert status == 200 and headers["content-type"].startswith(kind) and body
+        assert (await exchange(port, request(port, path="/status")))[0] == 401  # the data needs the token
+        assert (await exchange(port, request(port, path="/", host="attacker.example")))[0] == 421
+
+
+async def test_without_a_token_the_page_steers_through_loopback_only():
+    async with serving(spec_of(server='{listen: "127.0.0.1:0", allowed_hosts: [feeds.internal]}')) as (control, r):
+        port = control.port
+        _, _, body = await answer(port, request(port, path="/", host="feeds.internal"))
+        assert b'data-steer="0" data-token="0"' in body
+        proxied = request(port, "POST", "/rollout/promote", "feeds.internal", X_Feedrunner="1")
+        status, body = await exchange(port, proxied)
+        assert status == 403 and b"server.token" in body
+        assert r.rejected("read_only") == 1 and r.rollout.acted == []
+        assert (await exchange(port, request(port, path="/status", host="feeds.internal")))[0] == 200  # reads are fine
+        _, _, body = await answer(port, request(port, path="/"))
+        assert b'data-steer="1"' in body
+        assert (await exchange(port, request(port, "POST", "/rollout/promote", X_Feedrunner="1")))[0] == 200
+        assert r.rollout.acted == [("promote", False)]
+
+
+async def test_a_token_lets_a_proxied_page_steer():
+    server = '{listen: "127.0.0.1:0", allowed_hosts: [feeds.internal], token: "${FEEDRUNNER_TOKEN}"}'
+    async with serving(spec_of(server=server, env={"FEEDRUNNER_TOKEN": "tok-1234"})) as (control, r):
+        port = control.port
+        _, _, body = await answer(port, request(port, path="/", host="feeds.internal"))
+        assert b'data-steer="1"' in body
+        auth = {"Authorization": "Bearer tok-1234"}
+        head = request(port, "POST", "/rollout/pause", "feeds.internal", X_Feedrunner="1", **auth)
+        assert (await exchange(port, head))[0] == 200 and r.rollout.acted == [("pause", False)]
+
+
+async def test_latency_series_are_bounded_and_per_transport():
+    async with serving(spec_of()) as (control, r):
+        port = control.port
+        now = time.time()
+        r.adapters = {"binance": None}
+        ws = r.health.series[("binance", "websocket")] = Series(r.health.keep)
+        for i in range(20):  # ten seconds at 1 ms, then ten at 40 ms
+            ws.add(now - 19 + i, 0.001 if i < 10 else 0.04)
+        for query in ["window=0", "window=3601", "step=0", "window=3600&step=1", "window=a", "step=1.5"]:
+            assert (await exchange(port, request(port, path=f"/status/latency?{query}")))[0] == 400, query
+        status, body = await exchange(port, request(port, path="/status/latency?window=60&step=10"))
+    assert status == 200
+    data = json.loads(body)
+    assert (data["window"], data["step"]) == (60, 10)
+    points = data["venues"]["binance"]["websocket"]
+    assert sum(p[3] for p in points) == 20
+    assert [p[0] for p in points] == sorted(p[0] for p in points) and all(p[0] % 10 == 0 for p in points)
+    assert points[0][1] == 0.001 and points[-1][2] == 0.05  # p50 of the fast seconds, p99 of the slow (upper edge)

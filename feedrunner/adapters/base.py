@@ -156,6 +156,7 @@ class Adapter(ABC):
             "reason": self.conn.reason,
             "since": self.conn.since,
             "breaker": self.breaker.state.value,
+            "stale_after": max(self.venue.stale_after.values(), default=15.0),
             "symbols": {s: self.effective(s) for s in self.wanted},
             "quarantined": dict(self.quarantined),
             "open_symbol_breakers": sorted(
