@@ -289,15 +289,21 @@
     if (st.next_evaluation) parts.push(`next evaluation ${clock(st.next_evaluation)}`);
     $("rollout-state").textContent = parts.join(" · ");
     $("rollout-state").className = r.state === "rolled_back" || r.state === "aborted" ? "bad" : "";
-    fill(
-      $("gates").tBodies[0],
-      (r.gates || []).map((g) =>
-        row(
-          [g.name, g.outcome, g.value ?? "–", g.samples ?? "–", g.detail || ""],
-          g.outcome === "fail" ? "bad" : g.outcome === "pass" ? "" : "warn",
+    const gates = r.gates || [];
+    if (!gates.length) {
+      fill($("gates").tBodies[0], [row([el("td", "no gate evaluated in this phase yet", "muted")])]);
+      $("gates").tBodies[0].firstChild.firstChild.colSpan = 5;
+    } else {
+      fill(
+        $("gates").tBodies[0],
+        gates.map((g) =>
+          row(
+            [g.name, g.outcome, g.value ?? "–", g.samples ?? "–", g.detail || ""],
+            g.outcome === "fail" ? "bad" : g.outcome === "pass" ? "" : "warn",
+          ),
         ),
-      ),
-    );
+      );
+    }
     const history = (r.history || []).slice(0, HISTORY_ROWS);
     fill(
       $("history").tBodies[0],
@@ -308,7 +314,7 @@
   // -- latency charts --------------------------------------------------------------------------
 
   const SVG = "http://www.w3.org/2000/svg";
-  const W = 360, H = 140, PAD = 30;
+  const W = 360, H = 140, PAD = 40;
 
   function svg(tag, attrs) {
     const e = document.createElementNS(SVG, tag);
@@ -323,11 +329,13 @@
     const g = svg("svg", { width: W, height: H, viewBox: `0 0 ${W} ${H}`, role: "img" });
     g.append(svg("title", {}));
     g.firstChild.textContent = `${venue} latency p50/p99 by transport`;
+    // A log scale: websocket's milliseconds and polling's hundreds of them stay readable on one chart.
     const points = Object.values(series).flat();
-    const ymax = Math.max(1, ...points.map((p) => p[2] * 1000));
+    const lo = 0.5;
+    const hi = 10 ** Math.ceil(Math.log10(Math.max(10, ...points.map((p) => p[2] * 1000))));
     const t0 = data.now - data.window;
     const x = (t) => PAD + ((t - t0) / data.window) * (W - PAD - 4);
-    const y = (ms) => H - 16 - (ms / ymax) * (H - 24);
+    const y = (ms) => H - 16 - (Math.log10(Math.max(lo, ms) / lo) / Math.log10(hi / lo)) * (H - 24);
     g.append(svg("line", { x1: PAD, y1: H - 16, x2: W - 4, y2: H - 16, class: "axis" }));
     g.append(svg("line", { x1: PAD, y1: 4, x2: PAD, y2: H - 16, class: "axis" }));
     const label = (text, attrs) => {
@@ -335,8 +343,10 @@
       t.textContent = text;
       g.append(t);
     };
-    label(`${ymax.toFixed(ymax < 10 ? 1 : 0)} ms`, { x: 2, y: 12 });
-    label("0", { x: PAD - 10, y: H - 16 });
+    for (let ms = 1; ms <= hi; ms *= 10) {
+      g.append(svg("line", { x1: PAD, y1: y(ms), x2: W - 4, y2: y(ms), class: "axis grid" }));
+      label(ms >= 1000 ? `${ms / 1000} s` : `${ms} ms`, { x: 2, y: y(ms) + 3 });
+    }
     label(`-${duration(data.window)}`, { x: PAD, y: H - 3 });
     label("now", { x: W - 24, y: H - 3 });
     const legend = [];
