@@ -1,4 +1,4 @@
-"""`make bench`: run every benchmark, print its table, write bench/results/latest.json."""
+"""`make bench`: run every benchmark, print its table, write bench/results/latest.json and its plots."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ def main(argv: list[str]) -> int:
     for name in chosen:
         print(f"== {name}")
         importlib.import_module(name).main()
+    importlib.import_module("bench.plots").main()
     return 0
 
 

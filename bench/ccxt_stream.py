@@ -25,6 +25,7 @@ import ccxt.pro
 import psutil
 import yaml
 
+from bench.plots import cdf_points
 from bench.results import record
 from feedrunner.adapters.ccxt import rebase
 from feedrunner.events import Event, Trade
@@ -338,6 +339,10 @@ async def polling_vs_ws() -> dict[str, Any]:
         "websocket_p99_ms": round(pct(ws_lat, 0.99), 2),
         "polling_1s_p50_ms": round(pct(poll_lat, 0.5), 2),
         "polling_1s_p99_ms": round(pct(poll_lat, 0.99), 2),
+        "cdf_ms": {
+            "websocket": cdf_points([v / 1e6 for v in ws_lat]),
+            "polling_1s": cdf_points([v / 1e6 for v in poll_lat]),
+        },
     }
 
 
@@ -375,6 +380,7 @@ async def rss_soak() -> dict[str, Any]:
         "growth_mb_per_hour": round(slope * 3600, 2),
         "trades_delivered": delivered,
         "target_rss_mb": 300,
+        "samples": [[round(t, 1), round(mb, 1)] for t, mb in zip(xs, ys, strict=True)],
     }
 
 
