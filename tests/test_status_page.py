@@ -198,3 +198,39 @@ def test_a_thousand_symbols_page_filter_and_sort_without_locking_the_browser(bro
         if context is not None:
             context.close()
         assert run.stop() == 0
+
+
+def test_with_a_token_the_page_asks_for_it_once_and_steers_with_it(browser, tmp_path, monkeypatch):
+    from playwright.sync_api import expect
+
+    monkeypatch.setenv("FEEDRUNNER_TOKEN", "tok-page-1")  # the CLI sends it too
+    (tmp_path / "feeds.yaml").write_text(
+        FEEDS.format(symbols="A/USDT, B/USDT", rollout=ROLLOUT).replace(
+            'server: {listen: "127.0.0.1:0"}', 'server: {listen: "127.0.0.1:0", token: "${FEEDRUNNER_TOKEN}"}'
+        )
+    )
+    run = Run(tmp_path)
+    context = None
+    try:
+        context, page, errors = open_page(browser, run.url)
+        expect(page.locator("#token-form")).to_be_visible()
+        assert "tok-page-1" not in page.content()
+        page.locator("#token").fill("wrong")
+        page.locator("#token-form button").click()
+        expect(page.locator("#problem")).to_have_text("the bearer token was refused")
+        page.locator("#token").fill("tok-page-1")
+        page.locator("#token-form button").click()
+        expect(page.locator("#symbols tbody tr")).to_have_count(2, timeout=WAIT_MS)
+        expect(page.locator("#token-form")).to_be_hidden()
+        page.reload()  # the tab keeps it: no second prompt
+        expect(page.locator("#symbols tbody tr")).to_have_count(2, timeout=WAIT_MS)
+        expect(page.locator("#token-form")).to_be_hidden()
+        expect(page.locator("#phases li.current")).to_have_text("one", timeout=WAIT_MS)
+        page.locator('#actions button[data-action="pause"]').click()
+        expect(page.locator("#action-result")).to_have_text("pause: done")
+        assert run.rollout()["state"] == "paused"
+        assert all("401" in e for e in errors)  # only the browser's lines for the refused calls
+    finally:
+        if context is not None:
+            context.close()
+        assert run.stop() == 0
