@@ -131,6 +131,30 @@ async def test_survives_fault_with_every_trade_once_and_contiguous(run_adapter, 
     assert sample(adapter, "feedrunner_trades_lost_total") == 0
 
 
+async def test_a_healthy_stream_that_closes_reconnects_at_once_and_backs_off_only_after_a_failure(run_adapter, sim):
+    # Backoff starts at 5 s here: trades flowing again within 3 s of the drop means no backoff was waited.
+    adapter, out = await run_adapter(
+        "websocket",
+        stale_after={"default": "3s", "trades": "1s"},
+        backoff={"base": "5s", "cap": "5s", "jitter": 0, "max_attempts": 50},
+        circuit_breaker={"failure_threshold": 100},
+    )
+    await all_kinds_for_all_symbols(out)
+    await asyncio.sleep(1.2)  # delivering for a stale window: healthy
+    before = {s: len(out.of(Trade, s)) for s in SYMBOLS}
+    sim.inject("drop")  # a clean close, as at Binance's 24 h disconnect
+    await wait_until(lambda: all(len(out.of(Trade, s)) > before[s] + 5 for s in SYMBOLS), 3, "trades at once")
+    assert list(adapter.retries) == []  # no backoff delay was scheduled
+    assert sample(adapter, "feedrunner_reconnects_total") == 1  # one outage, however many loops saw it
+    out.assert_contiguous()
+    assert sample(adapter, "feedrunner_trades_lost_total") == 0
+    # A reconnect that fails (the venue refuses) is where the backoff starts.
+    sim.inject("refuse", duration=1.0)
+    sim.inject("drop")
+    await wait_until(lambda: len(adapter.retries) >= 1, 5, "a backed-off retry")
+    assert [d for _, d, _ in adapter.retries][:1] == [5.0]
+
+
 async def test_reconnects_follow_the_backoff_schedule(run_adapter, sim):
     adapter, out = await run_adapter("websocket", circuit_breaker={"failure_threshold": 100})
     await all_kinds_for_all_symbols(out)

@@ -116,6 +116,8 @@ class CcxtAdapter(Adapter):
         self._loops: dict[str, asyncio.Task[Any]] = {}
         self._reading: set[str] = set()  # websocket loops whose watch has returned data since they started
         self._up_since: float | None = None  # when the websocket last started delivering
+        self._last_data = 0.0  # when it last delivered
+        self._failed_at = -1e9  # when the last outage was counted
         self._probe_window = min(venue.stale_after.values(), default=5.0)
         self._markets_checked: set[str] = set()  # symbols looked up again after load_markets missed them
         self._markets_pending: set[str] = set()
@@ -379,6 +381,7 @@ class CcxtAdapter(Adapter):
         while not self.stopping.is_set():
             if await self._wait_retry():
                 return
+            began = time.monotonic()
             try:
                 if channel == "trades":
                     trades = await ex.watch_trades_for_symbols(symbols)
@@ -399,9 +402,11 @@ class CcxtAdapter(Adapter):
                 task = asyncio.current_task()
                 if self.stopping.is_set() or (task is not None and task.cancelling()):
                     raise  # we are being stopped
-                await self._ws_failed(ccxt.NetworkError(f"watch cancelled by the client library: {exc}"), symbols)
+                await self._ws_failed(
+                    ccxt.NetworkError(f"watch cancelled by the client library: {exc}"), symbols, began
+                )
             except Exception as exc:
-                await self._ws_failed(exc, symbols)
+                await self._ws_failed(exc, symbols, began)
 
     def _swept_trades(self, symbols: list[str]) -> list[dict[str, Any]]:
         """Every symbol's unreported trades from ccxt's caches, not only those of the one symbol a watch
@@ -447,7 +452,7 @@ class CcxtAdapter(Adapter):
         """Data arrived. The connection counts as healthy (breaker success, backoff reset clock) only once it
         has kept delivering for a stale window: right after a reconnect ccxt returns a book built from a
         REST snapshot, which proves nothing about the stream."""
-        now = time.monotonic()
+        now = self._last_data = time.monotonic()
         if self._up_since is None:
             self._up_since = now
             if self.conn.state in (ConnState.RECONNECTING, ConnState.CONNECTING):
@@ -459,7 +464,9 @@ class CcxtAdapter(Adapter):
         ):
             self.breaker.success()
 
-    async def _ws_failed(self, exc: BaseException, symbols: list[str]) -> None:
+    async def _ws_failed(self, exc: BaseException, symbols: list[str], began: float) -> None:
+        """One loop's watch failed; `began` is when that watch was called, so a call made before the
+        outage was counted (on the same socket) is part of it, and one made after is a new failure."""
         c = classify(exc)
         self.continuity.arm(symbols)  # the venue may come back renumbered
         if c.kind is ErrorKind.BAD_SYMBOL:
@@ -478,19 +485,29 @@ class CcxtAdapter(Adapter):
                 "venue {} order book sequence gap: resynchronising from a snapshot ({})", self.name, _short(exc)
             )
         now = time.monotonic()
-        if now < self._retry_at:
-            return  # another loop already counted this outage and set the retry time
+        if now < self._retry_at or began < self._failed_at:
+            return  # another loop already counted this outage (and set the retry time)
+        # A stream that was healthy up to this moment (a venue's maintenance or 24 h disconnect, a load
+        # balancer) reconnects at once: backoff starts from the first reconnect that fails.
+        healthy = (
+            self._up_since is not None
+            and now - self._up_since >= self._probe_window
+            and now - self._last_data < self._probe_window
+            and c.kind is ErrorKind.NETWORK
+        )
         self.count(c, exc, None)
         self._up_since = None
+        self._failed_at = now
         self.breaker.failure(f"{c.kind}: {_short(exc)}")
         self.metrics.reconnects.labels(self.name).inc()
         if self.backoff.exhausted:
             self.conn.move(ConnState.FAILED, f"gave up after {self.backoff.attempts} attempts: {_short(exc)}")
             self.stopping.set()
             return
-        delay = self._delay(c)
+        delay = 0.0 if healthy else self._delay(c)
         self._retry_at = now + delay
-        self.conn.move(ConnState.RECONNECTING, f"{c.kind}: {_short(exc)}; retry in {delay:.2f}s")
+        when = f"retry in {delay:.2f}s" if delay else "reconnecting at once (it was healthy)"
+        self.conn.move(ConnState.RECONNECTING, f"{c.kind}: {_short(exc)}; {when}")
 
     async def _wait_retry(self) -> bool:
         delay = self._retry_at - time.monotonic()
