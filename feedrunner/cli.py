@@ -1,4 +1,4 @@
-"""The `feedrunner` command: validate | run | schema | sim | status | rollout.
+"""The `feedrunner` command: validate | run | schema | alerts | sim | status | rollout | plan.
 
 Exit codes follow sysexits where they exist: 0 ok, 64 usage, 78 EX_CONFIG for an invalid spec (as
 Vector does), 69 when a needed service is unavailable. No input ever produces a traceback.
@@ -36,6 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--watch", action="store_true", help="reload when FILE changes (also: SIGHUP, POST /reload)")
 
     sub.add_parser("schema", help="print the JSON Schema of feeds.yaml")
+
+    a = sub.add_parser("alerts", help="print alerting rules equivalent to FILE's health checks and rollout triggers")
+    a.add_argument("file", nargs="?", default="feeds.yaml", metavar="FILE")
+    a.add_argument(
+        "--prometheus", action="store_true", required=True, help="as a Prometheus rule file (promtool check rules)"
+    )
 
     pl = sub.add_parser("plan", help="what reloading FILE would change in the running runner; exit 0 none, 2 some")
     pl.add_argument("file", nargs="?", default="feeds.yaml", metavar="FILE")
@@ -116,6 +122,21 @@ def _run(args: argparse.Namespace) -> int:
     return run(spec, watch=args.watch, read_from=read_from)
 
 
+def _alerts(args: argparse.Namespace) -> int:
+    """Rules on stdout (for a file), problems on stderr exactly as `validate` words them."""
+    from feedrunner.promrules import render
+    from feedrunner.spec import check_file
+
+    spec, problems = check_file(args.file)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if spec is None:
+        print(f"{args.file}: {len(problems)} problem(s)", file=sys.stderr)
+        return EX_CONFIG
+    sys.stdout.write(render(spec))
+    return EX_OK
+
+
 def _sim(args: argparse.Namespace) -> int:
     import asyncio
     import importlib
@@ -161,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EX_OK
         if args.command == "run":
             return _run(args)
+        if args.command == "alerts":
+            return _alerts(args)
         if args.command == "sim":
             return _sim(args)
         if args.command == "plan":

@@ -156,6 +156,26 @@ class Metrics:
             ["sink"],
             registry=r,
         )
+        # What the health checks read, set before every scrape (Runner.refresh_gauges), so Prometheus rules
+        # (feedrunner alerts --prometheus) judge the same figures the runner does.
+        self.staleness = Gauge(
+            "feedrunner_staleness_seconds",
+            "Longest silence among the venue's symbols (one never seen counts from start): what staleness reads.",
+            ["venue"],
+            registry=r,
+        )
+        self.venue_up = Gauge(
+            "feedrunner_venue_up",
+            "1 while the venue is connected and delivered within its stale_after: what uptime samples.",
+            ["venue"],
+            registry=r,
+        )
+        self.memory_rss = Gauge("feedrunner_memory_rss_bytes", "Resident memory of the runner process.", registry=r)
+        self.health_coverage = Gauge(
+            "feedrunner_health_coverage_seconds",
+            "Seconds of data the health windows hold (since the venues came up); a longer window is inconclusive.",
+            registry=r,
+        )
 
 
 def observe_many(child: Any, values: Iterable[float]) -> None:

@@ -523,6 +523,19 @@ class Runner:
             self.rollout_phase.set(self.rollout.index + 1)
             for state in RolloutState:
                 self.rollout_state.labels(state.value).set(1 if state is self.rollout.state else 0)
+        m = self.metrics
+        m.staleness.clear()  # a venue a reload removed leaves no stale series behind
+        m.venue_up.clear()
+        for venue in self.spec.venues:
+            adapter = self.adapters.get(venue.name)
+            if adapter is None:
+                continue
+            silence = self.health.staleness([(venue.name, s) for s in venue.symbols]).value
+            if silence is not None:
+                m.staleness.labels(venue.name).set(silence)
+            m.venue_up.labels(venue.name).set(0 if self._venue_problem(venue.name, adapter) else 1)
+        m.memory_rss.set(self.health.memory()[0])
+        m.health_coverage.set(self.health.coverage())
 
     def status(self) -> dict[str, Any]:
         venues = {}
