@@ -5,7 +5,14 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ["bench.spec_validate", "bench.ccxt_stream", "bench.ccxt_moves", "bench.ib_stream", "bench.bus_sinks"]
+BENCHMARKS = [
+    "bench.spec_validate",
+    "bench.ccxt_stream",
+    "bench.ccxt_moves",
+    "bench.ccxt_drop",
+    "bench.ib_stream",
+    "bench.bus_sinks",
+]
 
 
 def main(argv: list[str]) -> int:

@@ -140,6 +140,7 @@ def _spec(
     symbols: Sequence[str],
     transport: str = "websocket",
     sinks: Sequence[dict[str, Any]] = ({"type": "stdout"},),
+    stale_after: str = "30s",
 ) -> Any:
     doc = {
         "version": 1,
@@ -153,11 +154,14 @@ def _spec(
                 "channels": ["trades"],
                 "transport": transport,
                 "endpoints": endpoints,
-                "stale_after": "30s",
+                "stale_after": stale_after,
                 "trades_buffer": 10_000,
             }
         },
         "sinks": list(sinks),
+        # A store of its own per run: a store shared between runs would carry one run's trade ids into the
+        # next, whose simulator tape has moved on, and count the difference as lost.
+        "state": {"url": f"sqlite:///{tempfile.mkdtemp(prefix='feedrunner-bench-state-')}/state.db"},
     }
     spec, problems = check_text(yaml.safe_dump(doc), "bench.yaml", {})
     assert spec is not None, problems
