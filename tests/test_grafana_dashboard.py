@@ -7,10 +7,7 @@ any error, so the live test scrapes a real `feedrunner run` and checks every exp
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -20,6 +17,7 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from runproc import Run
 
 from feedrunner.metrics import Metrics
 
@@ -238,22 +236,9 @@ def scrape(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     and one reload, so the control server's and the reload's counters have series too."""
     cwd = tmp_path_factory.mktemp("grafana")
     (cwd / "feeds.yaml").write_text(FEEDS)
-    log = (cwd / "run.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "feedrunner.cli", "run", "feeds.yaml"],
-        cwd=cwd,
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-        env={**os.environ},
-    )
+    run = Run(cwd)
     try:
-        url = None
-        deadline = time.monotonic() + 30
-        while url is None and time.monotonic() < deadline and proc.poll() is None:
-            m = re.search(r"control server on (http://127\.0\.0\.1:\d+)", (cwd / "run.log").read_text())
-            url = m.group(1) if m else None
-            time.sleep(0.1)
-        assert url, "runner did not start: " + (cwd / "run.log").read_text()[-2000:]
+        url = run.url
         assert http(url + "/reload", "POST")[0] == 403  # no X-Feedrunner header: refused as csrf
         assert http(url + "/reload", "POST", {"X-Feedrunner": "1"})[0] == 200
         fams: dict[str, Any] = {}
@@ -265,17 +250,10 @@ def scrape(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
             if flowing(fams):
                 break
             time.sleep(0.3)
-        assert flowing(fams), "no trades flowed: " + (cwd / "run.log").read_text()[-2000:]
+        assert flowing(fams), "no trades flowed: " + run.text()[-2000:]
         yield fams
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        log.close()
+        run.stop()
 
 
 def exposed(fams: dict[str, Any]) -> dict[str, set[str] | None]:

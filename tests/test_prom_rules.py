@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from runproc import Run
 from servers import unavailable
 
 from feedrunner import promrules
@@ -421,21 +422,10 @@ def used_names(spec_text: str | None = None, path: Path | None = None) -> set[st
 
 def test_every_metric_the_rules_read_is_exported_by_a_running_runner(tmp_path):
     (tmp_path / "feeds.yaml").write_text(SPEC)
-    log = (tmp_path / "run.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "feedrunner.cli", "run", "feeds.yaml"],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-    )
+    run = Run(tmp_path)
     try:
-        url = None
+        url = run.url
         deadline = time.monotonic() + 30
-        while url is None and time.monotonic() < deadline:
-            m = re.search(r"control server on (http://127\.0\.0\.1:\d+)", (tmp_path / "run.log").read_text())
-            url = m.group(1) if m else None
-            time.sleep(0.1)
-        assert url, "runner did not start: " + (tmp_path / "run.log").read_text()[-2000:]
         while True:  # until both venues deliver and the health windows have started
             declared, samples = scrape(url)
             up = {ls["venue"]: v for ls, v in samples.get("feedrunner_venue_up", [])}
@@ -460,12 +450,5 @@ def test_every_metric_the_rules_read_is_exported_by_a_running_runner(tmp_path):
         _, samples = scrape(url)  # the gauges are refreshed by the scrape itself
         assert samples["feedrunner_health_coverage_seconds"][0][1] > before
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        log.close()
-    assert proc.returncode == 0, (tmp_path / "run.log").read_text()[-2000:]
+        code = run.stop()
+    assert code == 0, run.text()[-2000:]

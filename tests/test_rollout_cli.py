@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import re
 import signal
 import sqlite3
 import subprocess
@@ -13,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from runproc import Run
 
 FEEDS = """\
 version: 1
@@ -32,59 +30,6 @@ server: {{listen: "127.0.0.1:0"}}
 state: {{url: "sqlite:///state/feedrunner.db"}}
 logging: {{format: json}}
 """
-
-
-class Run:
-    """`feedrunner run` in a subprocess; finds the control port in its JSON logs."""
-
-    def __init__(self, cwd: Path) -> None:
-        self.log = (cwd / "run.log").open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "feedrunner.cli", "run", "feeds.yaml"],
-            cwd=cwd,
-            stdout=subprocess.DEVNULL,
-            stderr=self.log,
-            env={**os.environ},
-        )
-        self.cwd = cwd
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            m = re.search(r"control server on (http://127\.0\.0\.1:\d+)", (cwd / "run.log").read_text())
-            if m:
-                self.url = m.group(1)
-                return
-            time.sleep(0.1)
-        self.proc.kill()
-        raise AssertionError("runner did not start: " + (cwd / "run.log").read_text()[-2000:])
-
-    def cli(self, *args: str) -> tuple[int, dict]:
-        p = subprocess.run(
-            [sys.executable, "-m", "feedrunner.cli", *args, "--url", self.url, "--json"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            cwd=self.cwd,
-        )
-        return p.returncode, json.loads(p.stdout or "{}")
-
-    def rollout(self) -> dict:
-        return self.cli("rollout", "status")[1]
-
-    def wait(self, pred, timeout: float, what: str) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            r = self.rollout()
-            if pred(r):
-                return r
-            time.sleep(0.2)
-        raise AssertionError(f"timed out waiting for {what}: {self.rollout()}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        code = self.proc.wait(30)
-        self.log.close()
-        return code
 
 
 @pytest.fixture

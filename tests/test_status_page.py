@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from runproc import Run
 from servers import unavailable
-from test_rollout_cli import Run
 
 CHROMIUM = os.environ.get("FEEDRUNNER_CHROMIUM", "/usr/bin/chromium")
 ARGS = [
