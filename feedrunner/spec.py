@@ -1244,7 +1244,7 @@ def _is_loopback(host: str) -> bool:
 
 @functools.cache
 def ccxt_exchange_ids() -> tuple[str, ...]:
-    import ccxt
+    from feedrunner.lazyccxt import ccxt
 
     return tuple(ccxt.exchanges)
 
@@ -1254,10 +1254,10 @@ def ccxt_capabilities(exchange: str) -> tuple[bool, dict[str, Any], dict[str, An
     """(has ccxt.pro, ccxt.pro `has`, REST `has`) for an exchange id, or None if ccxt lacks it."""
     if exchange not in ccxt_exchange_ids():
         return None
-    import ccxt
-    import ccxt.pro
+    from feedrunner.lazyccxt import ccxt
 
-    rest = dict(getattr(ccxt, exchange)().has)
+    # The async class has the same REST `has` as the sync one, and the runner loads it anyway.
+    rest = dict(getattr(ccxt.async_support, exchange)().has)
     if exchange in ccxt.pro.exchanges:
         return True, dict(getattr(ccxt.pro, exchange)().has), rest
     return False, {}, rest

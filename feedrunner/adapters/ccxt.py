@@ -18,13 +18,12 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
-import ccxt
-import ccxt.pro
 from loguru import logger
 
 from feedrunner.adapters.base import Adapter, Emit, TradeContinuity, now_ns
 from feedrunner.adapters.base import short as _short
 from feedrunner.events import Book, Event, Ticker, Trade, ms_to_ns
+from feedrunner.lazyccxt import ccxt
 from feedrunner.metrics import Metrics
 from feedrunner.resilience import BreakerState, Classified, ConnState, ErrorKind, sleep_or_stop
 from feedrunner.spec import Venue
