@@ -31,6 +31,7 @@ from feedrunner.adapters.base import Adapter
 from feedrunner.alerts import Alerts
 from feedrunner.checkpoints import Checkpoints, CheckpointStore
 from feedrunner.control import ControlServer
+from feedrunner.eventloop import new_loop
 from feedrunner.health import Health
 from feedrunner.metrics import Metrics
 from feedrunner.pipeline import Pipeline
@@ -700,7 +701,8 @@ def _exit_after(seconds: float) -> threading.Timer:
 
 def run(spec: Spec, watch: bool = False, read_from: tuple[int, int, int] | None = None) -> int:
     configure_logging(spec)
-    loop = asyncio.new_event_loop()
+    loop, kind = new_loop(spec.event_loop)
+    logger.info("event loop: {}", kind)
     try:
         code = loop.run_until_complete(serve(spec, watch, read_from))
         loop.run_until_complete(loop.shutdown_asyncgens())

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import jsonschema
 import yaml
 
-from feedrunner import units
+from feedrunner import eventloop, units
 from feedrunner.yamlsource import Document, Path, Problem, format_path, load, read
 
 Transport = Literal["websocket", "polling", "hybrid"]
@@ -355,6 +355,7 @@ class Spec:
     sim_seed: int
     sim_rate: float
     shutdown_deadline: float = 20.0
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
 
     def venue(self, name: str) -> Venue:
         for v in self.venues:
@@ -669,6 +670,8 @@ class _SpecBuilder:
         default_sinks = [{"type": "jsonl", "path": "data/{venue}/{date}.jsonl"}]
         sinks = tuple(self._sink(i, s) for i, s in self.items(("sinks",), d.get("sinks", default_sinks)))
         server = self._server(d.get("server", {})) if not self.quiet(("server",)) else Server()
+        if d.get("event_loop") == "uvloop" and not eventloop.uvloop_available():
+            self.err(("event_loop",), "uvloop is not installed here: install it, or set auto or asyncio")
         if self.problems or self.doc.broken:
             return None
         q = d.get("queue", {})
@@ -690,6 +693,7 @@ class _SpecBuilder:
             sim_seed=sim.get("seed", 1),
             sim_rate=float(sim.get("rate", 5)),
             shutdown_deadline=units.duration(d.get("shutdown", {}).get("deadline", "20s")),
+            event_loop=d.get("event_loop", "auto"),
         )
 
     # -- venues ----------------------------------------------------------------------------------

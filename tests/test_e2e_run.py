@@ -9,6 +9,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
 from helpers import spawn
 
 FEEDS = """\
@@ -33,8 +34,10 @@ state: {url: "sqlite:///state/feedrunner.db"}
 """
 
 
-def test_run_streams_to_jsonl_and_exits_zero_on_sigterm(tmp_path: Path):
-    (tmp_path / "feeds.yaml").write_text(FEEDS)
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_run_streams_to_jsonl_and_exits_zero_on_sigterm(tmp_path: Path, loop: str):
+    """Every adapter on each event loop: ccxt over aiohttp, ib_async, futu-api's thread bridge."""
+    (tmp_path / "feeds.yaml").write_text(FEEDS + f"event_loop: {loop}\n")
     proc = spawn(tmp_path, stdout=subprocess.PIPE)
     try:
         trades = tmp_path / "out" / "binance" / "trade.jsonl"
@@ -60,6 +63,7 @@ def test_run_streams_to_jsonl_and_exits_zero_on_sigterm(tmp_path: Path):
     messages = [r["message"] for r in logs]
     assert any("venue kraken skipped" in m for m in messages)  # no simulator speaks it: reported, not fatal
     assert any("runner stopped" in m for m in messages)
+    assert any(m.startswith(f"event loop: {loop}") for m in messages)
     assert "Traceback" not in err
 
     ids: dict[str, list[int]] = defaultdict(list)

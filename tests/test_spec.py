@@ -152,7 +152,19 @@ SECTIONS_INVALID = [
         "rollout.recovery.restart_from: must be one of first, failed",
     ),
     ("colour: blue", "colour: unknown key 'colour'"),
+    ("event_loop: trio", "event_loop: must be one of auto, uvloop, asyncio"),
 ]
+
+
+def test_event_loop_defaults_to_auto_and_uvloop_needs_it_installed(monkeypatch):
+    assert valid(MINIMAL).event_loop == "auto"
+    assert valid(with_base("event_loop: asyncio")).event_loop == "asyncio"
+    from feedrunner import eventloop
+
+    monkeypatch.setattr(eventloop, "uvloop_available", lambda: False)
+    assert valid(with_base("event_loop: auto")).event_loop == "auto"  # auto falls back to asyncio's loop
+    found = problems(with_base("event_loop: uvloop"))
+    assert found == ["feeds.yaml:7:1: event_loop: uvloop is not installed here: install it, or set auto or asyncio"]
 
 
 @pytest.mark.parametrize("section", SECTIONS_VALID)

@@ -16,7 +16,7 @@ import struct
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from feedrunner.sim.faults import Fault, FaultBox
 from feedrunner.sim.market import MarketModel, SimTrade
@@ -81,8 +81,7 @@ class _Conn(asyncio.Protocol):
 
     # asyncio callbacks -------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not its subclasses
         self.peer = transport.get_extra_info("peername")
         if self.sim.faults.active(Fault.REFUSE):
             self.sim._counters["refused"] += 1

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta, tzinfo
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from feedrunner.sim.faults import Fault, FaultBox
@@ -119,8 +119,7 @@ class _Session(asyncio.Protocol):
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not its subclasses
         # Conflate rather than buffer without bound when the client reads slower than we tick.
         transport.set_write_buffer_limits(high=1 << 20)
         self.sim._accepted(self)
