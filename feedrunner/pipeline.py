@@ -68,6 +68,12 @@ class Pipeline:
         if not events:
             return
         self.accepted += len(events)
+        if not self._batches and self._task is not None:
+            # Nothing queued, so nothing is being written either (`_write` never awaits): write now, in
+            # order, instead of two loop iterations later in the consumer. Under load batches queue up
+            # and the consumer takes them together as before.
+            self._write(events)
+            return
         if self.block:
             while self.depth and self.depth + len(events) > self.capacity:
                 self._space.clear()
@@ -210,6 +216,7 @@ class Pipeline:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        self._task = self._flusher = None  # a late put queues, as it did before start
         rest = self._take(self.depth)
         if rest:
             self._write(rest)

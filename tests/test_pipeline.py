@@ -84,6 +84,25 @@ async def test_drop_oldest_keeps_the_newest_and_counts_the_rest() -> None:
     assert dropped(metrics) == 45
 
 
+async def test_a_batch_put_into_an_empty_queue_is_written_before_put_returns() -> None:
+    """The latency path: no loop iterations between an adapter's put and the sink's write when idle;
+    once something is queued, later batches queue behind it, in order."""
+    sink, metrics = Memory(), Metrics()
+    pipe = Pipeline(spec("{size: 100, overflow: block}"), [sink], metrics)
+    pipe.start()
+    await pipe.put([trade(0), trade(1)])
+    assert sink.ids == ["0", "1"] and pipe.depth == 0
+    pipe._batches.append([trade(2)])  # a batch the consumer has not taken yet
+    pipe.depth += 1
+    pipe._ready.set()
+    await pipe.put([trade(3)])
+    assert sink.ids == ["0", "1"] and pipe.depth == 2  # queued behind it, not written past it
+    await pipe.drain_and_close()
+    assert sink.ids == ["0", "1", "2", "3"]
+    await pipe.put([trade(4)])  # after close: queued, never into a closed sink
+    assert sink.ids == ["0", "1", "2", "3"]
+
+
 async def test_events_from_several_producers_arrive_in_each_producers_order() -> None:
     sink = Memory()
     pipe = Pipeline(spec("{size: 100, overflow: block}"), [sink], Metrics())
