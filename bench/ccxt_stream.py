@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
-import ccxt.pro
 import psutil
 import yaml
 
@@ -29,6 +28,7 @@ from bench.plots import cdf_points
 from bench.results import record
 from feedrunner.adapters.ccxt import rebase
 from feedrunner.events import Event, Trade
+from feedrunner.lazyccxt import ccxt
 from feedrunner.runner import Runner, freeze_heap_when_up
 from feedrunner.sinks.jsonl import JsonlSink
 from feedrunner.spec import Sink as SinkSpec
