@@ -67,7 +67,7 @@ print(json.dumps([names(ccxt), names(ccxt.async_support), names(ccxt.pro)]))
             "SETUP",
             "from feedrunner.lazyccxt import ccxt, LazyPackage\n"
             "for p in (ccxt, ccxt.async_support, ccxt.pro):\n"
-            "    [getattr(p, n) for n in p.__dict__['_names']]"
+            "    [getattr(p, n) for n in p.__dict__['_names']]",
         )
     )
     for got, want in zip(lazy, real, strict=True):
