@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from loguru import logger
 
+from feedrunner.adapters import binance_frames
 from feedrunner.adapters.base import Adapter, Emit, TradeContinuity, now_ns
 from feedrunner.adapters.base import short as _short
 from feedrunner.events import Book, Event, Ticker, Trade, ms_to_ns
@@ -60,6 +61,22 @@ def rebase(urls: Any, rest: str | None, ws: str | None) -> Any:
             parts = urlsplit(urls)
             return base.rstrip("/") + parts.path + (f"?{parts.query}" if parts.query else "")
     return urls
+
+
+def to_trade(venue: str, t: dict[str, Any], received: int, transport: str) -> Trade:
+    """A ccxt trade dict, normalised."""
+    tid = t.get("id")
+    return Trade(
+        venue,
+        t["symbol"],
+        ms_to_ns(t.get("timestamp")),
+        received,
+        transport,
+        None if tid is None else str(tid),
+        float(t["price"]),
+        float(t["amount"]),
+        t.get("side"),
+    )
 
 
 def _names(symbols: tuple[str, ...] | list[str]) -> str:
@@ -136,6 +153,8 @@ class CcxtAdapter(Adapter):
             if field in v.credentials:
                 config[key] = v.credentials[field].reveal()
         client = cls(config)
+        if isinstance(client, ccxt.pro.binance):
+            binance_frames.install(client)
         if v.endpoints:
             client.urls["api"] = rebase(client.urls["api"], v.endpoints.get("rest"), v.endpoints.get("ws"))
             if v.exchange.startswith("binance"):
@@ -662,18 +681,7 @@ class CcxtAdapter(Adapter):
                 self.seen(symbol, "trades")
         for t in trades:
             symbol = t["symbol"]
-            tid = t.get("id")
-            event = Trade(
-                name,
-                symbol,
-                ms_to_ns(t.get("timestamp")),
-                received,
-                transport,
-                None if tid is None else str(tid),
-                float(t["price"]),
-                float(t["amount"]),
-                t.get("side"),
-            )
+            event = to_trade(name, t, received, transport)
             last = last_ids.get(symbol)
             fresh, missing = check(event)
             if not fresh:
