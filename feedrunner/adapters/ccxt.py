@@ -672,10 +672,15 @@ class CcxtAdapter(Adapter):
     # -- normalisation and continuity --------------------------------------------------------------
 
     async def _on_trades(self, trades: list[dict[str, Any]], transport: str) -> None:
-        """Normalise a batch, drop repeats, backfill before the first trade after a gap; emit in order."""
+        """Normalise a batch, drop repeats, backfill before the first trade after a gap; emit in order.
+
+        Symbols with a gap (every symbol, after a reconnect) are backfilled concurrently, each emitting
+        its recovered trades and then its own that followed; the others are emitted at once.
+        """
         received = now_ns()
         name, check, last_ids = self.name, self.continuity.check, self.continuity.last
         out: list[Event] = []
+        gapped: dict[str, list[tuple[Trade, int, int | None]]] = {}  # symbol -> (trade, missing, last before)
         if transport == "websocket":
             for symbol in {t["symbol"] for t in trades}:
                 self.seen(symbol, "trades")
@@ -686,6 +691,20 @@ class CcxtAdapter(Adapter):
             fresh, missing = check(event)
             if not fresh:
                 continue
+            if symbol in gapped:
+                gapped[symbol].append((event, missing, last))
+            elif missing and last is not None:
+                gapped[symbol] = [(event, missing, last)]
+            else:
+                out.append(event)
+        await self.deliver_many(out)
+        if gapped:
+            await asyncio.gather(*(self._backfilled(symbol, events) for symbol, events in gapped.items()))
+
+    async def _backfilled(self, symbol: str, events: list[tuple[Trade, int, int | None]]) -> None:
+        """One symbol's trades from its first gap on, each gap backfilled before the trade after it."""
+        out: list[Event] = []
+        for event, missing, last in events:
             if missing and last is not None:
                 await self.deliver_many(out)
                 out = []
