@@ -12,6 +12,7 @@ BENCHMARKS = [
     "bench.ccxt_drop",
     "bench.ib_stream",
     "bench.bus_sinks",
+    "bench.peer_cryptofeed",
 ]
 
 
