@@ -159,6 +159,7 @@ def _spec(
             }
         },
         "sinks": list(sinks),
+        "server": {"listen": "127.0.0.1:0"},  # not 9108: another runner on the machine may hold it
         # A store of its own per run: a store shared between runs would carry one run's trade ids into the
         # next, whose simulator tape has moved on, and count the difference as lost.
         "state": {"url": f"sqlite:///{tempfile.mkdtemp(prefix='feedrunner-bench-state-')}/state.db"},

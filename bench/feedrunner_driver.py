@@ -10,7 +10,6 @@ as `feedrunner run` does.
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import sys
 import tempfile
@@ -27,9 +26,7 @@ class FeedrunnerSystem:
     def __init__(self, cfg: dict[str, Any]) -> None:
         endpoints = {"rest": cfg["rest"], "ws": cfg["ws"]}
         spec = _spec(endpoints, cfg["symbols"], stale_after=cfg.get("stale_after", "30s"))
-        # The control server on a free port, not the default 9108: another runner on this machine (a
-        # colleague's, or a bench) may hold that one, and the Runner fails to start when it cannot bind.
-        self.spec = dataclasses.replace(spec, server=dataclasses.replace(spec.server, port=0))
+        self.spec = spec  # the control server on a free port (bench/ccxt_stream._spec)
         self.runner = Runner(self.spec)
         self.dir = tempfile.mkdtemp(prefix="feedrunner-peer-")
         self.sink = LatencySink(self.dir, timed=cfg.get("record", True))
