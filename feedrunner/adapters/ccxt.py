@@ -63,7 +63,7 @@ def rebase(urls: Any, rest: str | None, ws: str | None) -> Any:
     return urls
 
 
-def to_trade(venue: str, t: dict[str, Any], received: int, transport: str) -> Trade:
+def to_trade(venue: str, t: dict[str, Any], received: int, transport: str, backfilled: bool = False) -> Trade:
     """A ccxt trade dict, normalised."""
     tid = t.get("id")
     return Trade(
@@ -76,6 +76,7 @@ def to_trade(venue: str, t: dict[str, Any], received: int, transport: str) -> Tr
         float(t["price"]),
         float(t["amount"]),
         t.get("side"),
+        backfilled,
     )
 
 
@@ -729,20 +730,7 @@ class CcxtAdapter(Adapter):
                     if int(t["id"]) != cursor + 1:
                         hole = True  # the venue's history has a hole too: stop, count the rest as lost
                         break
-                    events.append(
-                        Trade(
-                            self.name,
-                            symbol,
-                            ms_to_ns(t.get("timestamp")),
-                            received,
-                            "polling",
-                            str(t["id"]),
-                            float(t["price"]),
-                            float(t["amount"]),
-                            t.get("side"),
-                            backfilled=True,
-                        )
-                    )
+                    events.append(to_trade(self.name, t, received, "polling", backfilled=True))
                     cursor += 1
                 recovered += len(events)
                 await self.deliver_many(events)
