@@ -135,14 +135,16 @@ class LatencySink(JsonlSink):
         return latencies(self.written, sent)
 
 
-def _spec(
+def bench_doc(
     endpoints: dict[str, str],
     symbols: Sequence[str],
     transport: str = "websocket",
     sinks: Sequence[dict[str, Any]] = ({"type": "stdout"},),
     stale_after: str = "30s",
-) -> Any:
-    doc = {
+    state_url: str | None = None,
+) -> dict[str, Any]:
+    """The feeds.yaml document of every bench run: one Binance venue on the simulator, trades only."""
+    return {
         "version": 1,
         "environment": "live",
         "queue": {"size": 100_000, "overflow": "block"},
@@ -153,7 +155,7 @@ def _spec(
                 "symbols": list(symbols),
                 "channels": ["trades"],
                 "transport": transport,
-                "endpoints": endpoints,
+                "endpoints": dict(endpoints),
                 "stale_after": stale_after,
                 "trades_buffer": 10_000,
             }
@@ -162,8 +164,18 @@ def _spec(
         "server": {"listen": "127.0.0.1:0"},  # not 9108: another runner on the machine may hold it
         # A store of its own per run: a store shared between runs would carry one run's trade ids into the
         # next, whose simulator tape has moved on, and count the difference as lost.
-        "state": {"url": f"sqlite:///{tempfile.mkdtemp(prefix='feedrunner-bench-state-')}/state.db"},
+        "state": {"url": state_url or f"sqlite:///{tempfile.mkdtemp(prefix='feedrunner-bench-state-')}/state.db"},
     }
+
+
+def _spec(
+    endpoints: dict[str, str],
+    symbols: Sequence[str],
+    transport: str = "websocket",
+    sinks: Sequence[dict[str, Any]] = ({"type": "stdout"},),
+    stale_after: str = "30s",
+) -> Any:
+    doc = bench_doc(endpoints, symbols, transport, sinks, stale_after)
     spec, problems = check_text(yaml.safe_dump(doc), "bench.yaml", {})
     assert spec is not None, problems
     return spec

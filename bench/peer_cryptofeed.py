@@ -48,7 +48,17 @@ import orjson
 import psutil
 import yaml
 
-from bench.ccxt_stream import COARSE_TICK, FLOOD_SECONDS, LATENCY_SECONDS, LATENCY_TICK, RUNS, Sim, latencies, pct
+from bench.ccxt_stream import (
+    COARSE_TICK,
+    FLOOD_SECONDS,
+    LATENCY_SECONDS,
+    LATENCY_TICK,
+    RUNS,
+    Sim,
+    bench_doc,
+    latencies,
+    pct,
+)
 from bench.results import record
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -277,29 +287,15 @@ async def latency_at(total: int) -> dict[str, Any]:
 
 
 def _feeds_yaml(sim: Sim, symbols: Sequence[str], tmp: Path) -> Path:
-    """A real feeds.yaml for `feedrunner run`: the shape bench/ccxt_stream._spec validates, with a JSONL
-    sink and an SQLite store in `tmp`, and the control server on a free loopback port."""
-    doc = {
-        "version": 1,
-        "environment": "live",
-        "queue": {"size": 100_000, "overflow": "block"},
-        "venues": {
-            "binance": {
-                "adapter": "ccxt",
-                "exchange": "binance",
-                "symbols": list(symbols),
-                "channels": ["trades"],
-                "transport": "websocket",
-                "endpoints": dict(sim.endpoints),
-                "stale_after": "30s",
-                "trades_buffer": 10_000,
-            }
-        },
-        "sinks": [{"type": "jsonl", "path": f"{tmp}/data/{{venue}}/{{date}}.jsonl"}],
-        "state": {"url": f"sqlite:///{tmp}/state.db"},
-        "server": {"listen": "127.0.0.1:0"},
-        "event_loop": FEEDRUNNER_LOOP,
-    }
+    """A real feeds.yaml for `feedrunner run`: bench/ccxt_stream's document, with a JSONL sink and an
+    SQLite store in `tmp`."""
+    doc = bench_doc(
+        sim.endpoints,
+        symbols,
+        sinks=[{"type": "jsonl", "path": f"{tmp}/data/{{venue}}/{{date}}.jsonl"}],
+        state_url=f"sqlite:///{tmp}/state.db",
+    )
+    doc["event_loop"] = FEEDRUNNER_LOOP
     path = tmp / "feeds.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
