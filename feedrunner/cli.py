@@ -7,9 +7,14 @@ Vector does), 69 when a needed service is unavailable. No input ever produces a 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from feedrunner.spec import Spec
 
 from feedrunner import __version__
 
@@ -34,6 +39,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("file", nargs="?", default="feeds.yaml", metavar="FILE")
     r.add_argument("--dry-run", action="store_true", help="validate and print the plan, then exit")
     r.add_argument("--watch", action="store_true", help="reload when FILE changes (also: SIGHUP, POST /reload)")
+    r.add_argument(
+        "--workers", metavar="N|auto", help="worker processes, each serving a share of the symbols (default: FILE's)"
+    )
+    r.add_argument(
+        "--shard", metavar="INDEX/COUNT", help="this host's share when COUNT hosts run FILE, e.g. 0/3 (default: FILE's)"
+    )
+    r.add_argument("--worker-announce", metavar="PATH", help=argparse.SUPPRESS)  # a supervisor's worker
 
     sub.add_parser("schema", help="print the JSON Schema of feeds.yaml")
 
@@ -106,20 +118,111 @@ def _validate(args: argparse.Namespace) -> int:
     return worst
 
 
+def _workers_flag(text: str) -> int:
+    from feedrunner.spec import available_cores
+
+    if text == "auto":
+        return available_cores()
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"--workers takes a whole number >= 1 or auto (got {text!r})")
+    return int(text)
+
+
 def _run(args: argparse.Namespace) -> int:
     from feedrunner.runner import file_signature, run
+    from feedrunner.sharding import parse_shard
     from feedrunner.spec import check_file, describe
 
+    try:
+        workers = _workers_flag(args.workers) if args.workers is not None else None
+        shard = parse_shard(args.shard) if args.shard is not None else None
+    except ValueError as exc:
+        print(f"feedrunner: {exc}", file=sys.stderr)
+        return EX_USAGE
     read_from = file_signature(args.file)  # before reading: --watch sees an edit made while starting
     spec, problems = check_file(args.file)
     for problem in problems:
         print(problem, file=sys.stderr)
     if spec is None:
         return EX_CONFIG
+    spec = dataclasses.replace(
+        spec, workers=workers if workers is not None else spec.workers, shard=shard if shard is not None else spec.shard
+    )
+    if args.worker_announce is not None:  # one worker of a supervisor: its shard, a private control port
+        return _run_worker(spec, args, read_from)
+    if spec.workers > 1:
+        refused = _shared_files(spec)
+        if refused:
+            for line in refused:
+                print(line, file=sys.stderr)
+            return EX_CONFIG
     print(describe(spec))
+    if spec.workers > 1 or spec.shard.count > 1:
+        print(_assignment(spec) if args.dry_run else _scale_line(spec))
     if args.dry_run:
         return EX_OK
+    if spec.workers > 1:
+        from feedrunner import supervisor
+
+        return supervisor.run(args.file, spec, watch=args.watch, read_from=read_from)
     return run(spec, watch=args.watch, read_from=read_from)
+
+
+def _run_worker(spec: Spec, args: argparse.Namespace, read_from: tuple[int, int, int] | None) -> int:
+    """The supervisor reaches each worker on loopback at a port the worker announces; its log lines say
+    which shard wrote them, since every worker shares the supervisor's stderr."""
+    from loguru import logger
+
+    from feedrunner.runner import run
+
+    server = dataclasses.replace(spec.server, enabled=True, host="127.0.0.1", port=0)
+    spec = dataclasses.replace(spec, server=server)
+    tag = f"[shard {spec.shard.index}/{spec.shard.count}] "
+    logger.configure(
+        extra={"shard": spec.shard.index},
+        patcher=lambda record: record.update(message=tag + record["message"]),
+    )
+    return run(spec, watch=args.watch, read_from=read_from, announce=args.worker_announce)
+
+
+def _shared_files(spec: Spec) -> list[str]:
+    """A file sink that several workers of this host would write to, one message per sink."""
+    from feedrunner.spec import format_path, shared_file
+
+    out = []
+    for i, sink in enumerate(spec.sinks):
+        problem = shared_file(sink)
+        if problem is not None:
+            where, message = problem
+            out.append(f"{spec.source}: {format_path(('sinks', i, *where))}: {message}")
+    return out
+
+
+def _scale_line(spec: Spec) -> str:
+    shard = f" (shard {spec.shard.index}/{spec.shard.count})" if spec.shard.count > 1 else ""
+    return f"  workers: {spec.workers}{shard}"
+
+
+def _assignment(spec: Spec) -> str:
+    """Which worker serves how many symbols of each venue."""
+    from feedrunner.sharding import assignment
+    from feedrunner.supervisor import worker_shards
+
+    total = spec.shard.count * spec.workers
+    owners = assignment(spec, total)
+    lines = [_scale_line(spec) + f"; {total} shard(s) in all"]
+    mine = worker_shards(spec.shard, spec.workers)
+    for i, g in enumerate(mine):
+        per_venue: dict[str, int] = {}
+        for (venue, _), owner in owners.items():
+            if owner == g:
+                per_venue[venue] = per_venue.get(venue, 0) + 1
+        counts = ", ".join(f"{v} {n}" for v, n in per_venue.items()) or "none"
+        lines.append(f"    worker {i} (shard {g}/{total}): {sum(per_venue.values())} symbols ({counts})")
+    others = sum(1 for owner in owners.values() if owner not in mine)
+    if others:
+        lines.append(f"    other hosts: {others} symbols")
+    return "\n".join(lines)
 
 
 def _alerts(args: argparse.Namespace) -> int:

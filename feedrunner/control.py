@@ -1,6 +1,9 @@
 """The HTTP server: the status page at /, /metrics /healthz /readyz /status /status/latency /config,
 POST /rollout/{action} and POST /reload.
 
+What it serves comes from a Backend (a runner's, or a supervisor's merging its workers'), so the same
+guards stand in front of either: the server knows requests, never what answers them.
+
 Binds where server.listen says (loopback by default). Every request passes, in order:
 - Host: it must name the listen address (127.0.0.1, localhost and [::1] are equivalent on loopback) or
   an entry of server.allowed_hosts, else 421; a page on another site that rebinds its DNS name to us
@@ -32,19 +35,16 @@ import ipaddress
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from loguru import logger
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter
 
 from feedrunner import page
-from feedrunner.plan import FINGERPRINT_BUDGET, fingerprint, spec_to_dict
-from feedrunner.rollout import ActionError
-
-if TYPE_CHECKING:
-    from feedrunner.runner import Runner
+from feedrunner.plan import FINGERPRINT_BUDGET, fingerprint
+from feedrunner.spec import Server
 
 SHUTDOWN_TIMEOUT = 2.0  # seconds requests in progress get at stop (aiohttp's 60 would outlast the deadline)
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
@@ -56,6 +56,39 @@ MAX_BODY = 64 * 1024  # the largest body any endpoint reads (a list of secrets t
 MAX_FINGERPRINTS = 64  # per request
 LATENCY_WINDOW_MAX = 3600  # seconds of latency series /status/latency returns at most
 LATENCY_POINTS_MAX = 720  # points per series
+
+
+class Backend(Protocol):
+    """What the control server answers with. `server` and `registry` are read once, at construction."""
+
+    server: Server
+    registry: CollectorRegistry  # where the server counts its refusals (feedrunner_http_rejected_total)
+
+    async def metrics(self) -> bytes:
+        """The Prometheus text exposition."""
+        ...
+
+    async def not_ready(self) -> list[str]:
+        """Why /readyz answers 503; empty when ready."""
+        ...
+
+    async def status(self) -> dict[str, Any]: ...
+
+    async def latency(self, window: int, step: int) -> dict[str, Any]:
+        """Per venue, per transport: [start second, p50, p99, samples] per step of the last window."""
+        ...
+
+    async def reload(self) -> tuple[str, list[dict[str, Any]], list[str]]:
+        """(result: applied | unchanged | invalid, changes, problems) of reloading feeds.yaml."""
+        ...
+
+    async def config(self) -> dict[str, Any]:
+        """The running spec as JSON data, secrets fingerprinted (feedrunner.plan.spec_to_dict)."""
+        ...
+
+    async def rollout(self, action: str, full: bool) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, body) of a rollout action."""
+        ...
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -186,9 +219,9 @@ class _Refused(asyncio.Protocol):
 
 
 class ControlServer:
-    def __init__(self, runner: Runner) -> None:
-        self.runner = runner
-        self.spec = runner.spec.server
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.spec = backend.server
         self._app_runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
@@ -200,7 +233,7 @@ class ControlServer:
             "feedrunner_http_rejected_total",
             "Control server requests and connections refused, by reason.",
             ["reason"],
-            registry=runner.metrics.registry,
+            registry=backend.registry,
         )
         self._aiohttp_log = logging.Logger("feedrunner.control.aiohttp", logging.DEBUG)
         self._aiohttp_log.propagate = False
@@ -351,19 +384,16 @@ class ControlServer:
             logger.bind(reason="error", peer=peer).error(
                 "control server: {} {} failed: {}", request.method, request.path, what
             )
-            return _json({"error": "internal error; see the runner's log"}, 500)
+            return _json({"error": "internal error; see the log"}, 500)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        self.runner.refresh_gauges()
-        return web.Response(
-            body=generate_latest(self.runner.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
+        return web.Response(body=await self.backend.metrics(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return _json({"status": "alive"})
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        problems = self.runner.not_ready()
+        problems = await self.backend.not_ready()
         status = 200 if not problems else 503
         if not self._named(request):
             return web.Response(status=status)
@@ -376,7 +406,7 @@ class ControlServer:
         return host is not None and self._host_allowed(host)
 
     async def _status(self, request: web.Request) -> web.Response:
-        return _json(self.runner.status())
+        return _json(await self.backend.status())
 
     async def _latency(self, request: web.Request) -> web.Response:
         """Latency p50/p99 per venue and transport over a recent window, for the page's charts."""
@@ -389,8 +419,7 @@ class ControlServer:
             raise web.HTTPBadRequest(
                 reason=f"window is 1-{LATENCY_WINDOW_MAX}s and at most {LATENCY_POINTS_MAX} steps of it"
             )
-        health = self.runner.health
-        series = {venue: health.latency_series(venue, window, step) for venue in self.runner.adapters}
+        series = await self.backend.latency(window, step)
         return _json({"window": window, "step": step, "now": time.time(), "venues": series})
 
     async def _page(self, request: web.Request) -> web.Response:
@@ -402,12 +431,12 @@ class ControlServer:
         return web.Response(body=body, content_type=content_type, headers=page.HEADERS)
 
     async def _reload(self, request: web.Request) -> web.Response:
-        result, changes, problems = await self.runner.reload_file()
-        body = {"result": result, "changes": [c.as_dict() for c in changes], "problems": [str(p) for p in problems]}
+        result, changes, problems = await self.backend.reload()
+        body = {"result": result, "changes": changes, "problems": problems}
         return _json(body, 422 if result == "invalid" else 200)
 
     async def _config(self, request: web.Request) -> web.Response:
-        return _json(spec_to_dict(self.runner.spec))
+        return _json(await self.backend.config())
 
     async def _fingerprints(self, request: web.Request) -> web.Response:
         """This process's fingerprints of the values given: how `plan` compares a file's secrets."""
@@ -429,14 +458,6 @@ class ControlServer:
         return _json({"fingerprints": [fingerprint(v) for v in values]})
 
     async def _rollout(self, request: web.Request) -> web.Response:
-        controller = self.runner.rollout
-        if controller is None:
-            return _json({"error": "no rollout in feeds.yaml"}, 404)
-        action = request.match_info["action"]
         full = request.query.get("full", "") in ("1", "true", "yes")
-        try:
-            controller.act(action, full=full)
-        except ActionError as exc:
-            return _json({"error": str(exc), "rollout": controller.status()}, 409)
-        logger.info("rollout {}{} requested over HTTP", action, " --full" if full else "")
-        return _json(controller.status())
+        status, body = await self.backend.rollout(request.match_info["action"], full)
+        return _json(body, status)

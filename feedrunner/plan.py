@@ -62,6 +62,9 @@ RECONNECT_VENUE_FIELDS = frozenset(
 # Global settings that only a process restart applies.
 RESTART_FIELDS = (
     "environment",
+    "workers",
+    "shard",
+    "coordination",
     "queue",
     "server",
     "state_url",

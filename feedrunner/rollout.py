@@ -155,6 +155,7 @@ class Controller:
         health: Health,
         clock: Callable[[], float] = time.time,
         on_change: Callable[[], None] | None = None,
+        writable: bool = True,
     ) -> None:
         assert spec.rollout is not None
         self.r: Rollout = spec.rollout
@@ -171,7 +172,9 @@ class Controller:
         self.reason = "not started"
         self.verdicts: list[Verdict] = []
         self.last_evaluated: float | None = None
+        self.changed_at: float | None = None  # of the stored state this controller last read
         self._paused_from = State.PROGRESSING
+        self.writable = writable  # False on a shard that follows another shard's lead: it reads, never writes
         self._restore()
 
     def update(self, spec: Spec) -> None:
@@ -185,12 +188,23 @@ class Controller:
 
     # -- persistence and the restart rule --------------------------------------------------------------
 
-    def _restore(self) -> None:
+    def follow(self) -> bool:
+        """A standby's read of the leader's stored state: True (and the runner told) when it changed."""
         row = self.store.load()
+        if row is None or row["changed_at"] == self.changed_at:
+            return False
+        self._restore(row)
+        if self.on_change:
+            self.on_change()
+        return True
+
+    def _restore(self, row: dict[str, Any] | None = None) -> None:
+        row = row or self.store.load()
         if row is None:
             return
         names = [p.name for p in self.r.phases]
         self.state, self.attempts, self.failed_phase = State(row["state"]), row["attempts"], row["failed_phase"]
+        self.changed_at = row["changed_at"]
         self.entered_at, self.reason = row["entered_at"], row["reason"]
         if row["phase"] is None:
             self.index = -1
@@ -224,6 +238,11 @@ class Controller:
         old = self.state
         now = self.clock()
         self.state, self.reason = new, reason
+        if not self.writable:
+            if self.on_change:
+                self.on_change()
+            return
+        self.changed_at = now
         self.store.save(
             {
                 "state": new.value,

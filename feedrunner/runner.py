@@ -26,19 +26,22 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from loguru import logger
 from prometheus_client import Counter, Gauge
 
-from feedrunner import jobs
+from feedrunner import coordination, jobs
 from feedrunner.adapters.base import Adapter
 from feedrunner.alerts import Alerts
 from feedrunner.checkpoints import Checkpoints, CheckpointStore
 from feedrunner.control import ControlServer
+from feedrunner.controlapi import RunnerApi
+from feedrunner.coordination import ClusterHealth, Coordinator
 from feedrunner.eventloop import new_loop
 from feedrunner.health import Health
 from feedrunner.metrics import Metrics
 from feedrunner.pipeline import Pipeline
 from feedrunner.plan import RESTART_FIELDS, Change, diff, mask_url, spec_to_dict
 from feedrunner.resilience import ConnState
-from feedrunner.rollout import Controller, Store, engine_for
+from feedrunner.rollout import ActionError, Controller, Store, engine_for
 from feedrunner.rollout import State as RolloutState
+from feedrunner.sharding import own_share
 from feedrunner.sinks import build as build_sink
 from feedrunner.spec import Spec, Venue
 from feedrunner.statelock import StoreBusy, StoreLock
@@ -62,6 +65,8 @@ def adapter_class(venue: Venue) -> type[Adapter] | None:
 
 class Runner:
     def __init__(self, spec: Spec, metrics: Metrics | None = None) -> None:
+        self.source_spec = spec  # feeds.yaml as read, every shard's share: what /config and plan compare
+        spec = own_share(spec)
         self.spec = spec
         self.metrics = metrics or Metrics()
         self.adapters: dict[str, Adapter] = {}
@@ -88,6 +93,9 @@ class Runner:
         self.fatal: Callable[[str], None] = lambda why: None  # serve() stops the process on it
         self._seen_counts: dict[tuple[str, str], float] = {}
         self.engine: sa.Engine | None = None
+        self.coord: Coordinator | None = None  # a shard of a sharded deployment: its lock, row and lead
+        self._coordinating: asyncio.Task[None] | None = None
+        self._health_loop: asyncio.Task[None] | None = None
         self._runtime: dict[str, Callable[[Venue], Venue]] = {}  # simulator endpoints, kept across reloads
         self._sims_by_venue: dict[str, Any] = {}
         self._reload_lock = asyncio.Lock()
@@ -110,6 +118,17 @@ class Runner:
         self.rollout_state = Gauge(
             "feedrunner_rollout_state", "1 for the rollout's current state.", ["state"], registry=self.metrics.registry
         )
+        self.rollout_leader = Gauge(
+            "feedrunner_rollout_leader",
+            "1 while this process leads the rollout (a single runner always does; a shard may stand by).",
+            registry=self.metrics.registry,
+        )
+        self.leader_changes = Counter(
+            "feedrunner_rollout_leader_changes_total",
+            "Times this shard took or lost the rollout lead, by what happened.",
+            ["change"],
+            registry=self.metrics.registry,
+        )
 
     # -- desired state ---------------------------------------------------------------------------------
 
@@ -131,18 +150,41 @@ class Runner:
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
+    @property
+    def sharded(self) -> bool:
+        return self.spec.shard.count > 1
+
+    def _controller(self) -> Controller:
+        """The rollout controller; a shard's judges every shard's health and stands by until it leads."""
+        assert self.engine is not None
+        judge: Any = self.health
+        if self.coord is not None:
+            fresh_for = 2 * self.spec.health.interval + 2 * self.spec.coordination.poll + 5.0
+            judge = ClusterHealth(self.source_spec, self.coord.registry, fresh_for)
+        writable = self.coord is None or self.coord.leading
+        return Controller(self.source_spec, Store(self.engine), judge, on_change=self.reconcile, writable=writable)
+
     async def start(self) -> None:
         """Claim the state store, bind the control port, then touch the store: a second runner on the
-        same store, or a port in use, stops here with nothing written."""
+        same store, or a port in use, stops here with nothing written. A shard claims its index instead,
+        and leads the rollout only if no other shard does."""
         venues = [v for v in self.spec.venues if v.enabled]
         self.engine = engine_for(self.spec.state_url)  # one engine for our tables and the job store
-        self.lock = StoreLock(self.spec.state_url, self.engine)
-        self.lock.acquire()
+        if self.sharded:
+            self.coord = Coordinator(self.spec, self.engine, self)
+            self.coord.claim()
+            self.lock = self.coord.shard_lock
+        else:
+            self.lock = StoreLock(self.spec.state_url, self.engine)
+            self.lock.acquire()
         if self.spec.server.enabled:
-            self.control = ControlServer(self)
+            self.control = ControlServer(RunnerApi(self))
             await self.control.start()
+        if self.coord is not None:
+            host = self.spec.server.host
+            self.coord.url = coordination.advertised_url(host, self.control.port) if self.control else ""
         if self.spec.rollout is not None and self.spec.rollout.enabled:
-            self.rollout = Controller(self.spec, Store(self.engine), self.health, on_change=self.reconcile)
+            self.rollout = self._controller()
         if self.spec.environment == "live":  # a simulator started here begins a new tape every run
             self.checkpoints = CheckpointStore(self.engine)
             self._stored = self.checkpoints.load()
@@ -155,7 +197,12 @@ class Runner:
             self._checkpointer = asyncio.create_task(self._checkpoint_periodically(), name="trade-checkpoints")
         self._sampler = asyncio.create_task(self._sample(), name="health-sampler")
         self._up = asyncio.create_task(self._mark_up(), name="health-baseline")
-        await self._start_scheduler()
+        if self.coord is not None:
+            self._health_loop = asyncio.create_task(self._health_periodically(), name="health-checks")
+            await self.coord.tick()  # lead now if no shard does, and be in the shards table
+            self._coordinating = asyncio.create_task(self.coord.run(), name="coordination")
+        else:
+            await self._start_scheduler()
         self.started = True
         logger.info("runner started: {} venue(s) running, {} skipped", len(self.adapters), len(self.skipped))
 
@@ -189,14 +236,17 @@ class Runner:
     def _schedule_jobs(self) -> None:
         assert self.scheduler is not None
         interval = self.spec.health.interval
-        self.scheduler.add_job(
-            "feedrunner.jobs:health_job",
-            "interval",
-            seconds=interval,
-            id="health",
-            name="health checks",
-            replace_existing=True,
-        )
+        if self.coord is None:
+            self.scheduler.add_job(
+                "feedrunner.jobs:health_job",
+                "interval",
+                seconds=interval,
+                id="health",
+                name="health checks",
+                replace_existing=True,
+            )
+        elif self.scheduler.get_job("health") is not None:  # every shard checks its own health
+            self.scheduler.remove_job("health")
         if self.rollout is not None:
             self.scheduler.add_job(
                 "feedrunner.jobs:rollout_job",
@@ -209,6 +259,45 @@ class Runner:
             )
         elif self.scheduler.get_job("rollout") is not None:
             self.scheduler.remove_job("rollout")
+
+    # -- a shard of a deployment (the Coordinator's hooks) ----------------------------------------------
+
+    async def lead(self) -> None:
+        """This shard now leads: its controller reads the stored rollout and writes from here on, and the
+        scheduler's job runs here (its first evaluation at once)."""
+        self.leader_changes.labels("took").inc()
+        if self.rollout is not None:
+            self.rollout.writable = True
+            self.rollout.follow()
+        if not self.stopping:
+            await self._start_scheduler()
+
+    async def step_down(self) -> None:
+        self.leader_changes.labels("lost").inc()
+        if self.scheduler is not None:
+            with contextlib.suppress(Exception):
+                self.scheduler.shutdown(wait=False)
+            self.scheduler = None
+        if self.rollout is not None:
+            self.rollout.writable = False
+
+    def follow(self) -> None:
+        if self.rollout is not None:
+            self.rollout.follow()
+
+    def symbols(self) -> int:
+        return sum(len(v.symbols) for v in self.spec.venues if v.enabled)
+
+    def readings(self) -> dict[str, Any]:
+        if self.rollout is None or self.spec.rollout is None:
+            return {}
+        own = {(v.name, s) for v in self.spec.venues if v.enabled for s in v.symbols}
+        return coordination.readings(self.health, self.spec, own, self.rollout.target_symbols(), set(self.adapters))
+
+    async def _health_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.spec.health.interval)
+            self.health_tick()
 
     async def _simulate(self, venue: Venue) -> Venue:
         """Start the built-in simulator for a venue and point the venue at it (only for adapters that exist)."""
@@ -253,7 +342,10 @@ class Runner:
     # -- reload ----------------------------------------------------------------------------------------
 
     async def reload(self, spec: Spec) -> list[Change]:
-        """Apply a new, already validated spec by reconciling: only what changed is touched."""
+        """Apply a new, already validated spec by reconciling: only what changed is touched. Each shard
+        takes its share of it: a symbol added lands on one shard, and no other symbol moves."""
+        source, spec = spec, own_share(spec, self.spec.shard)
+        self.source_spec = dataclasses.replace(source, **{k: getattr(self.source_spec, k) for k in RESTART_FIELDS})
         changes = diff(spec_to_dict(self.spec), spec_to_dict(spec))
         if not changes:
             self.reloads.labels("unchanged").inc()
@@ -286,9 +378,9 @@ class Runner:
             adapter.update(self._runtime.get(name, lambda v: v)(venue))
         if spec.rollout is not None and spec.rollout.enabled:
             if self.rollout is None:
-                self.rollout = Controller(spec, Store(self.engine), self.health, on_change=self.reconcile)
+                self.rollout = self._controller()
             else:
-                self.rollout.update(spec)
+                self.rollout.update(self.source_spec)
         else:
             self.rollout = None
         if self.scheduler is not None:
@@ -336,7 +428,7 @@ class Runner:
         jobs.bind(None)
         if self.control is not None:
             await self.control.stop()
-        for task in (self._sampler, self._up, self._checkpointer):
+        for task in (self._sampler, self._up, self._checkpointer, self._coordinating, self._health_loop):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -357,7 +449,9 @@ class Runner:
         for sim in self.sims:
             with contextlib.suppress(Exception):
                 await sim.stop()
-        if self.lock is not None:
+        if self.coord is not None:
+            await self.coord.release()
+        elif self.lock is not None:
             await asyncio.to_thread(self.lock.release)
         if self.engine is not None:
             self.engine.dispose()
@@ -506,11 +600,15 @@ class Runner:
                 d.dropped_at is not None and now - d.dropped_at < 2 * self.spec.health.interval,
                 {"sink": d.name, "summary": f"{d.dropped} events dropped (spool full or unwritable)"},
             )
+        if self.coord is not None:
+            self.coord.publish()
         self.refresh_gauges()
 
     def rollout_tick(self) -> None:
-        if self.rollout is None:
+        if self.rollout is None or not self.rollout.writable:
             return
+        if isinstance(self.rollout.health, ClusterHealth):
+            self.rollout.health.refresh()
         before = self.rollout.state
         self.rollout.evaluate()
         if self.rollout.state is not before:
@@ -520,6 +618,7 @@ class Runner:
         self.refresh_gauges()
 
     def refresh_gauges(self) -> None:
+        self.rollout_leader.set(1 if self.coord is None or self.coord.leading else 0)
         if self.rollout is not None:
             self.rollout_phase.set(self.rollout.index + 1)
             for state in RolloutState:
@@ -537,6 +636,21 @@ class Runner:
             m.venue_up.labels(venue.name).set(0 if self._venue_problem(venue.name, adapter) else 1)
         m.memory_rss.set(self.health.memory()[0])
         m.health_coverage.set(self.health.coverage())
+
+    def rollout_act(self, action: str, full: bool = False) -> tuple[int, dict[str, Any]]:
+        """An operator's rollout action: (HTTP status, body). Only the leader's controller acts."""
+        if self.rollout is None:
+            return 404, {"error": "no rollout in feeds.yaml"}
+        if not self.rollout.writable:
+            leader = self.coord.status()["leader"] if self.coord else None
+            where = f"shard {leader['shard']} leads it at {leader['url']}" if leader else "no shard leads it now"
+            return 409, {"error": f"this shard stands by for the rollout: {where}", "leader": leader}
+        try:
+            self.rollout.act(action, full=full)
+        except ActionError as exc:
+            return 409, {"error": str(exc), "rollout": self.rollout.status()}
+        logger.info("rollout {}{} requested over HTTP", action, " --full" if full else "")
+        return 200, self.rollout.status()
 
     def status(self) -> dict[str, Any]:
         venues = {}
@@ -569,7 +683,11 @@ class Runner:
             "rss_growth_mb": round(growth / 2**20, 1),
             "alerts": sorted(self.alerts.active),
             "rollout": self.rollout.status() if self.rollout else None,
+            "shard": {"index": self.spec.shard.index, "count": self.spec.shard.count},
+            "leader": self.coord is None or self.coord.leading,
         }
+        if self.coord is not None:
+            out["cluster"] = self.coord.status()
         if self.scheduler is not None:
             job = self.scheduler.get_job("rollout") or self.scheduler.get_job("health")
             out["next_evaluation"] = job.next_run_time.timestamp() if job and job.next_run_time else None
@@ -631,7 +749,11 @@ def log_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any])
         logger.opt(exception=exc).error("asyncio: {}", context.get("message"))
 
 
-async def serve(spec: Spec, watch: bool = False, read_from: tuple[int, int, int] | None = None) -> int:
+async def serve(
+    spec: Spec, watch: bool = False, read_from: tuple[int, int, int] | None = None, announce: str | None = None
+) -> int:
+    """Run until a signal; with `announce`, write {pid, port, shard} there (atomically) once started, for
+    the supervisor that spawned this worker."""
     runner = Runner(spec)
     stop = asyncio.Event()
     failure: list[str] = []
@@ -652,6 +774,8 @@ async def serve(spec: Spec, watch: bool = False, read_from: tuple[int, int, int]
     watcher = freezer = None
     try:
         await runner.start()
+        if announce is not None:
+            _announce(announce, runner)
         freezer = asyncio.create_task(freeze_heap_when_up(runner), name="freeze-heap")
         if watch:
             watcher = asyncio.create_task(watch_file(runner, spec.source, read_from), name="watch")
@@ -699,12 +823,26 @@ def _exit_after(seconds: float) -> threading.Timer:
     return timer
 
 
-def run(spec: Spec, watch: bool = False, read_from: tuple[int, int, int] | None = None) -> int:
+def _announce(path: str, runner: Runner) -> None:
+    """Written whole or not at all (tmp + rename): the supervisor never reads half a file."""
+    import json
+
+    shard = runner.spec.shard
+    port = runner.control.port if runner.control is not None else None
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"pid": os.getpid(), "port": port, "shard": [shard.index, shard.count]}, f)
+    os.replace(tmp, path)
+
+
+def run(
+    spec: Spec, watch: bool = False, read_from: tuple[int, int, int] | None = None, announce: str | None = None
+) -> int:
     configure_logging(spec)
     loop, kind = new_loop(spec.event_loop)
     logger.info("event loop: {}", kind)
     try:
-        code = loop.run_until_complete(serve(spec, watch, read_from))
+        code = loop.run_until_complete(serve(spec, watch, read_from, announce))
         loop.run_until_complete(loop.shutdown_asyncgens())
     finally:
         loop.close()

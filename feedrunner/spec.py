@@ -11,6 +11,7 @@ import difflib
 import functools
 import ipaddress
 import json
+import os
 import re
 import string
 from collections.abc import Iterable, Mapping
@@ -55,8 +56,8 @@ METRIC_KINDS: dict[str, str] = {
 _KIND_PARSE = {"duration": units.duration, "ratio": units.ratio, "size": units.size, "number": units.number}
 _KIND_EXAMPLE = {"duration": "500ms", "ratio": "1% or 0.01", "size": "100MB", "number": "5"}
 OPERATORS = ("below", "above", "at_most", "at_least")
-SINK_FIELDS = frozenset({"venue", "date", "kind", "symbol"})
-PARQUET_FIELDS = frozenset({"venue", "date", "kind", "hour"})
+SINK_FIELDS = frozenset({"venue", "date", "kind", "symbol", "shard"})
+PARQUET_FIELDS = frozenset({"venue", "date", "kind", "hour", "shard"})
 BUS_FIELDS = frozenset({"venue", "kind", "symbol"})  # topic, key, subject and stream templates
 BUSES = ("kafka", "nats", "redis")
 
@@ -339,6 +340,20 @@ class Server:
 
 
 @dataclass(frozen=True, slots=True)
+class Shard:
+    """This process's share of the deployment: index of count (1 of 1 when not sharded)."""
+
+    index: int = 0
+    count: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Coordination:
+    lease: float = 10.0  # seconds the rollout may go without a leader
+    poll: float = 1.0  # seconds between reads of the leader's desired state (and heartbeats)
+
+
+@dataclass(frozen=True, slots=True)
 class Spec:
     source: str
     version: int
@@ -356,6 +371,9 @@ class Spec:
     sim_rate: float
     shutdown_deadline: float = 20.0
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    workers: int = 1
+    shard: Shard = Shard()
+    coordination: Coordination = Coordination()
 
     def venue(self, name: str) -> Venue:
         for v in self.venues:
@@ -667,14 +685,18 @@ class _SpecBuilder:
         self._check_ccxt(venues)
         rollout = self._rollout(d["rollout"], venues) if self._rollout_checkable() else None
         health = self._health(d["health"]) if isinstance(d.get("health"), dict) else Health()
-        default_sinks = [{"type": "jsonl", "path": "data/{venue}/{date}.jsonl"}]
+        sharded = d.get("workers", 1) != 1 or isinstance(d.get("shard"), dict)
+        default_sinks = [{"type": "jsonl", "path": "data/{venue}/{date}" + ("-{shard}" if sharded else "") + ".jsonl"}]
         sinks = tuple(self._sink(i, s) for i, s in self.items(("sinks",), d.get("sinks", default_sinks)))
         server = self._server(d.get("server", {})) if not self.quiet(("server",)) else Server()
         if d.get("event_loop") == "uvloop" and not eventloop.uvloop_available():
             self.err(("event_loop",), "uvloop is not installed here: install it, or set auto or asyncio")
+        shard = self._shard(d.get("shard")) if not self.quiet(("shard",)) else Shard()
+        workers = self._workers(d.get("workers", 1), sinks) if not self.quiet(("workers",)) else 1
         if self.problems or self.doc.broken:
             return None
         q = d.get("queue", {})
+        coord = d.get("coordination", {})
         log = d.get("logging", {})
         sim = d.get("simulator", {})
         return Spec(
@@ -694,7 +716,28 @@ class _SpecBuilder:
             sim_rate=float(sim.get("rate", 5)),
             shutdown_deadline=units.duration(d.get("shutdown", {}).get("deadline", "20s")),
             event_loop=d.get("event_loop", "auto"),
+            workers=workers,
+            shard=shard,
+            coordination=Coordination(
+                units.duration(coord.get("lease", "10s")), units.duration(coord.get("poll", "1s"))
+            ),
         )
+
+    def _shard(self, raw: dict[str, Any] | None) -> Shard:
+        if raw is None:
+            return Shard()
+        if raw["index"] >= raw["count"]:
+            self.err(("shard", "index"), f"index {raw['index']} is not below count {raw['count']} (indexes start at 0)")
+        return Shard(raw["index"], raw["count"])
+
+    def _workers(self, raw: int | str, sinks: tuple[Sink, ...]) -> int:
+        workers = available_cores() if raw == "auto" else int(raw)
+        if workers > 1:
+            for i, sink in enumerate(sinks):
+                problem = shared_file(sink)
+                if problem and not self.quiet(("sinks", i)):
+                    self.err(("sinks", i, *problem[0]), problem[1])
+        return workers
 
     # -- venues ----------------------------------------------------------------------------------
 
@@ -1265,6 +1308,23 @@ def ccxt_capabilities(exchange: str) -> tuple[bool, dict[str, Any], dict[str, An
     if exchange in ccxt.pro.exchanges:
         return True, dict(getattr(ccxt.pro, exchange)().has), rest
     return False, {}, rest
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def shared_file(sink: Sink) -> tuple[tuple[str, ...], str] | None:
+    """(key path, message) when workers on one host would write the same files through this sink."""
+    if sink.type == "jsonl" and "{shard}" not in (sink.path or ""):
+        return ("path",), "several workers would write the same files: put {shard} in the path"
+    if sink.type == "parquet" and sink.parquet is not None and "{shard}" not in sink.parquet.path:
+        return ("parquet", "path"), "several workers would write the same files: put {shard} in the path"
+    return None
 
 
 def describe(spec: Spec) -> str:

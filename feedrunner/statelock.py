@@ -20,6 +20,7 @@ from loguru import logger
 from feedrunner.plan import mask_url
 
 PG_LOCK = (0x66726E72, 1)  # ("frnr", 1): the two-int form shows as classid/objid in pg_locks
+PG_SHARD = 0x66726E73  # ("frns", index): one lock per shard index of a sharded deployment
 
 
 class StoreBusy(Exception):
@@ -39,51 +40,95 @@ def sqlite_path(url: sa.engine.URL) -> Path | None:
 
 
 class StoreLock:
-    def __init__(self, url: str, engine: sa.Engine) -> None:
+    """The runner's lock on the store; with `shard`, the lock of one shard index instead (a sharded
+    deployment's shards share the store, and each index runs once). `keepalive` (seconds) makes the
+    database notice a holder that vanished without closing its socket (a host lost) within about that
+    long, so the lock does not outlive its holder by the kernel's two-hour default."""
+
+    def __init__(
+        self, url: str, engine: sa.Engine, shard: int | None = None, keepalive: float | None = None, wait: float = 0.0
+    ) -> None:
         self.url = url
         self.engine = engine
         self.dialect = engine.dialect.name
+        self.key = PG_LOCK if shard is None else (PG_SHARD, shard)
+        self.what = "another runner" if shard is None else f"another process running shard {shard}"
+        self.suffix = ".lock" if shard is None else f".shard-{shard}.lock"
+        self.keepalive = keepalive
+        self.wait = wait  # SQLite: seconds to wait out a lock held a moment (the leader probing who is alive)
         self._pg: sa.Connection | None = None
         self._sqlite: sqlite3.Connection | None = None
 
     def acquire(self) -> None:
-        if self.dialect == "postgresql":
-            self._acquire_pg()
-        elif self.dialect == "sqlite":
-            self._acquire_sqlite()
-        else:
-            logger.warning("state store {}: no single-runner lock for {}", mask_url(self.url), self.dialect)
+        if not self.try_acquire():
+            raise StoreBusy(f"state store {mask_url(self.url)} is held by {self.what}{self.holder()}")
 
-    def _acquire_pg(self) -> None:
-        conn = self.engine.connect()
-        got = conn.execute(sa.text("SELECT pg_try_advisory_lock(:a, :b)"), {"a": PG_LOCK[0], "b": PG_LOCK[1]}).scalar()
-        conn.commit()
-        if not got:
-            holder = conn.execute(
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free; False (and nothing held) if another process has it."""
+        if self._pg is not None or self._sqlite is not None:
+            return True
+        if self.dialect == "postgresql":
+            return self._acquire_pg()
+        if self.dialect == "sqlite":
+            return self._acquire_sqlite()
+        logger.warning("state store {}: no single-runner lock for {}", mask_url(self.url), self.dialect)
+        return True
+
+    def holder(self) -> str:
+        """Who holds the lock, as far as the database says: for the refusal message."""
+        if self.dialect == "sqlite":
+            database = sqlite_path(self.engine.url)
+            return f" (lock {database.with_name(database.name + self.suffix)})" if database else ""
+        if self.dialect != "postgresql":
+            return ""
+        with contextlib.suppress(sa.exc.SQLAlchemyError), self.engine.connect() as conn:
+            row = conn.execute(
                 sa.text(
                     "SELECT a.pid, a.client_addr FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
                     "WHERE l.locktype = 'advisory' AND l.classid = :a AND l.objid = :b AND l.granted"
                 ),
-                {"a": PG_LOCK[0], "b": PG_LOCK[1]},
+                {"a": self.key[0], "b": self.key[1]},
             ).first()
-            conn.close()
-            who = f" (backend pid {holder[0]} from {holder[1] or 'local socket'})" if holder else ""
-            raise StoreBusy(f"state store {mask_url(self.url)} is held by another runner{who}")
-        self._pg = conn
+            if row:
+                return f" (backend pid {row[0]} from {row[1] or 'local socket'})"
+        return ""
 
-    def _acquire_sqlite(self) -> None:
+    def _acquire_pg(self) -> bool:
+        conn = self.engine.connect()
+        try:
+            if self.keepalive is not None:
+                idle, count = max(1, round(self.keepalive / 2)), 3
+                interval = max(1, round((self.keepalive - idle) / count))
+                for name, value in (("idle", idle), ("interval", interval), ("count", count)):
+                    conn.execute(sa.text(f"SET tcp_keepalives_{name} = {int(value)}"))
+                conn.execute(sa.text(f"SET tcp_user_timeout = {int(self.keepalive * 1000)}"))
+            got = conn.execute(
+                sa.text("SELECT pg_try_advisory_lock(:a, :b)"), {"a": self.key[0], "b": self.key[1]}
+            ).scalar()
+            conn.commit()
+        except BaseException:
+            conn.close()
+            raise
+        if not got:
+            conn.close()
+            return False
+        self._pg = conn
+        return True
+
+    def _acquire_sqlite(self) -> bool:
         database = sqlite_path(self.engine.url)
         if database is None:
-            return  # in memory: no other process can open it
-        path = database.with_name(database.name + ".lock")
+            return True  # in memory: no other process can open it
+        path = database.with_name(database.name + self.suffix)
         path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(path, timeout=self.wait, isolation_level=None, check_same_thread=False)
         try:
             conn.execute("BEGIN EXCLUSIVE")
         except sqlite3.OperationalError:
             conn.close()
-            raise StoreBusy(f"state store {mask_url(self.url)} is held by another runner (lock {path})") from None
+            return False
         self._sqlite = conn
+        return True
 
     def held(self) -> bool:
         """Still ours? A PostgreSQL session that died (a server restart) took the lock with it, and a
@@ -95,7 +140,7 @@ class StoreLock:
                         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = :a AND objid = :b "
                         "AND granted AND pid = pg_backend_pid()"
                     ),
-                    {"a": PG_LOCK[0], "b": PG_LOCK[1]},
+                    {"a": self.key[0], "b": self.key[1]},
                 ).scalar()
                 self._pg.commit()
             except sa.exc.SQLAlchemyError:
@@ -106,7 +151,7 @@ class StoreLock:
     def release(self) -> None:
         if self._pg is not None:
             try:
-                self._pg.execute(sa.text("SELECT pg_advisory_unlock(:a, :b)"), {"a": PG_LOCK[0], "b": PG_LOCK[1]})
+                self._pg.execute(sa.text("SELECT pg_advisory_unlock(:a, :b)"), {"a": self.key[0], "b": self.key[1]})
                 self._pg.commit()
             except sa.exc.SQLAlchemyError:
                 pass  # a dead session holds nothing any more
@@ -116,3 +161,23 @@ class StoreLock:
         if self._sqlite is not None:
             self._sqlite.close()
             self._sqlite = None
+
+
+def held_shards(url: str, engine: sa.Engine, count: int) -> set[int]:
+    """The shard indexes whose lock some process holds now: the shards that are alive, as exactly as the
+    database knows it (a killed shard's session, and so its lock, is gone at once)."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.text("SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND classid = :a AND granted"),
+                {"a": PG_SHARD},
+            )
+            return {int(r[0]) for r in rows if int(r[0]) < count}
+    alive = set()
+    for index in range(count):
+        probe = StoreLock(url, engine, shard=index)
+        if probe.try_acquire() and (probe._sqlite is not None or probe._pg is not None):
+            probe.release()  # free: nobody runs this shard
+        else:
+            alive.add(index)
+    return alive

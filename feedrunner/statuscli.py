@@ -116,17 +116,22 @@ def render_status(s: dict[str, Any]) -> str:
     ]
     if s.get("alerts"):
         lines.append(f"alerts: {', '.join(s['alerts'])}")
+    lines += _render_workers(s.get("workers"))
     for name, v in s["venues"].items():
         lines.append(
             f"{name}  {v['adapter']}  {v['state']}  breaker {v['breaker']}  {v['rate_per_s']} ev/s"
             + (f"  ({v['reason']})" if v["state"] != "connected" and v.get("reason") else "")
         )
-        lines.append(f"  {'symbol':<14} {'transport':<10} {'events':>8} {'latency':>10} {'silent':>8}")
+        by_worker = any("worker" in row for row in v["symbols"].values())
+        lines.append(
+            f"  {'symbol':<14} {'transport':<10} {'events':>8} {'latency':>10} {'silent':>8}"
+            + (f" {'worker':>6}" if by_worker else "")
+        )
         for sym, row in v["symbols"].items():
             silent = "-" if row["silent_seconds"] is None else f"{row['silent_seconds']:g}s"
             lines.append(
                 f"  {sym:<14} {row['transport'] or 'quarantined':<10} {row['events']:>8} "
-                f"{row['latency_ms']:>8.1f}ms {silent:>8}"
+                f"{row['latency_ms']:>8.1f}ms {silent:>8}" + (f" {row.get('worker', '-'):>6}" if by_worker else "")
             )
     for name, why in s.get("skipped", {}).items():
         lines.append(f"{name}  skipped: {why}")
@@ -154,6 +159,23 @@ def render_status(s: dict[str, Any]) -> str:
     if s.get("next_evaluation"):
         lines.append(f"next evaluation in {max(0.0, s['next_evaluation'] - time.time()):.0f}s")
     return "\n".join(lines)
+
+
+def _render_workers(workers: list[dict[str, Any]] | None) -> list[str]:
+    """A supervisor's workers, one line each."""
+    if not workers:
+        return []
+    up = sum(1 for w in workers if w["up"])
+    lines = [f"workers: {up}/{len(workers)} up"]
+    for w in workers:
+        state = ("ready" if w["ready"] else "not ready") if w["up"] else "DOWN"
+        rss = f"  rss {w['rss_mb']} MB" if w.get("rss_mb") is not None else ""
+        lines.append(
+            f"  worker {w['index']}  shard {w['shard']}  pid {w['pid'] or '-'}  {state}  restarts {w['restarts']}"
+            + ("  leader" if w.get("leader") else "")
+            + rss
+        )
+    return lines
 
 
 def plan(args: argparse.Namespace) -> int:

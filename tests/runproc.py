@@ -16,15 +16,16 @@ CONTROL = re.compile(r"control server on (http://127\.0\.0\.1:\d+)")
 
 
 class Run:
-    def __init__(self, cwd: Path) -> None:
+    def __init__(self, cwd: Path, *args: str, env: dict[str, str] | None = None, log: str = "run.log") -> None:
         self.cwd = cwd
-        self.log = (cwd / "run.log").open("w")
+        self.logname = log
+        self.log = (cwd / log).open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "feedrunner.cli", "run", "feeds.yaml"],
+            [sys.executable, "-m", "feedrunner.cli", "run", *(args or ("feeds.yaml",))],
             cwd=cwd,
             stdout=subprocess.DEVNULL,
             stderr=self.log,
-            env={**os.environ},
+            env={**os.environ, **(env or {})},
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and self.proc.poll() is None:
@@ -37,7 +38,7 @@ class Run:
         raise AssertionError("runner did not start: " + self.text()[-2000:])
 
     def text(self) -> str:
-        return (self.cwd / "run.log").read_text()
+        return (self.cwd / self.logname).read_text()
 
     def cli(self, *args: str) -> tuple[int, dict]:
         p = subprocess.run(

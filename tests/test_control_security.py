@@ -1,8 +1,9 @@
 """The control server against hostile clients: secrets in /config, Host/Origin/CSRF, auth, slow clients.
 
-A real ControlServer on 127.0.0.1:0 and real sockets; the runner behind it is the small set of calls
-the server makes (spec, metrics, status, readiness, rollout actions), so each test starts in
-milliseconds and drives the server with exactly the bytes a browser, a scanner or a slow client sends.
+A real ControlServer on 127.0.0.1:0 and real sockets, over the RunnerApi a runner gives it; the runner
+behind that is the small set of calls the API makes (spec, metrics, status, readiness, rollout actions),
+so each test starts in milliseconds and drives the server with exactly the bytes a browser, a scanner or
+a slow client sends.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from loguru import logger
 
 from feedrunner.cli import main
 from feedrunner.control import ControlServer
+from feedrunner.controlapi import RunnerApi
 from feedrunner.health import Health, Series
 from feedrunner.metrics import Metrics
 from feedrunner.spec import check_text
@@ -43,21 +45,15 @@ PG_STATE = '{url: "postgresql://feeder:${PGPASSWORD}@db.internal/feeds"}'
 
 
 class Rollout:
-    """The two calls the server makes on a rollout controller; records what it was asked."""
+    """Records the actions it was asked for."""
 
     def __init__(self) -> None:
         self.acted: list[tuple[str, bool]] = []
 
-    def act(self, action: str, full: bool = False) -> None:
-        self.acted.append((action, full))
-
-    def status(self) -> dict[str, Any]:
-        return {"acted": len(self.acted)}
-
 
 class Runner:
     def __init__(self, spec: Any) -> None:
-        self.spec = spec
+        self.spec = self.source_spec = spec
         self.metrics = Metrics()
         self.rollout = Rollout()
         self.fail_status = False
@@ -69,6 +65,10 @@ class Runner:
 
     def not_ready(self) -> list[str]:
         return []
+
+    def rollout_act(self, action: str, full: bool = False) -> tuple[int, dict[str, Any]]:
+        self.rollout.acted.append((action, full))
+        return 200, {"acted": len(self.rollout.acted)}
 
     def status(self) -> dict[str, Any]:
         if self.fail_status:
@@ -89,7 +89,7 @@ def spec_of(server: str = '{listen: "127.0.0.1:0"}', state: str = "{}", endpoint
 @asynccontextmanager
 async def serving(spec: Any) -> AsyncIterator[tuple[ControlServer, Runner]]:
     runner = Runner(spec)
-    control = ControlServer(runner)  # type: ignore[arg-type]
+    control = ControlServer(RunnerApi(runner))  # type: ignore[arg-type]
     await control.start()
     try:
         yield control, runner
