@@ -634,3 +634,60 @@ def test_status_command_shows_each_symbols_worker_and_the_workers():
     assert "worker" in next(line for line in text.splitlines() if line.strip().startswith("symbol"))
     single = render_status(worker_status({"A/USDT": "websocket"}))
     assert "worker" not in single  # one runner: no worker column, no workers line
+
+
+SIMULATED = """\
+version: 1
+environment: simulator
+simulator: {{rate: 5}}
+workers: 2
+venues:
+  binance: {{adapter: ccxt, exchange: binance, channels: [trades], symbols: [{symbols}]}}
+sinks: [{{type: jsonl, path: "out/{{shard}}/{{symbol}}.jsonl", flush_interval: 200ms}}]
+server: {{listen: "127.0.0.1:0"}}
+state: {{url: "sqlite:///state/feedrunner.db"}}
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_reload_reaches_every_worker_and_moves_no_symbol(tmp_path: Path):
+    first, more = SYMBOLS[:8], SYMBOLS[8:14]
+    feeds = tmp_path / "feeds.yaml"
+    feeds.write_text(SIMULATED.format(symbols=", ".join(first)))
+    log = tmp_path / "run.log"
+    sup = spawn(tmp_path, stderr=log.open("w"))
+    try:
+        url = wait_for(lambda: control_url(log), 30, "the supervisor's control server")
+        status = wait_for(lambda: (s := get(f"{url}/status"))["ready"] and s, 30, "both workers ready")
+        before = {s: r["worker"] for s, r in status["venues"]["binance"]["symbols"].items()}
+        assert sorted(before) == first and set(before.values()) == {0, 1}
+
+        feeds.write_text(SIMULATED.format(symbols=", ".join(first + more)))
+        req = urllib.request.Request(f"{url}/reload", method="POST", headers={"X-Feedrunner": "1"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            body = json.loads(r.read())
+        assert body["result"] == "applied", body
+        spec, problems = check_file(feeds)
+        assert spec is not None, problems
+        owner = {s: g for (_, s), g in assignment(spec, 2).items()}
+
+        def grown() -> dict[str, int] | None:
+            rows = get(f"{url}/status")["venues"]["binance"]["symbols"]
+            return {s: r["worker"] for s, r in rows.items()} if len(rows) == len(first + more) else None
+
+        after = wait_for(grown, 20, "the added symbols")
+        assert {s: after[s] for s in first} == before  # nothing moved
+        assert after == owner  # each added symbol on the one worker that owns it
+        out = tmp_path / "out"
+        wait_for(
+            lambda: all((out / str(owner[s]) / f"{s.replace('/', '-')}.jsonl").exists() for s in more),
+            20,
+            "trades of the added symbols",
+        )
+        sup.send_signal(signal.SIGTERM)
+        assert sup.wait(timeout=40) == 0
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+            sup.wait()
+    assert "Traceback" not in log.read_text()

@@ -124,6 +124,7 @@
           events: s.events,
           latency_ms: s.latency_ms,
           silent_seconds: s.silent_seconds,
+          worker: s.worker ?? null,
         });
       }
     }
@@ -159,7 +160,10 @@
       $("symbols").tBodies[0],
       slice.map((r) =>
         row(
-          [r.venue, r.symbol, r.transport, num(r.events), r.latency_ms ?? "–", r.silent_seconds ?? "–", r.state],
+          [
+            r.worker === null ? r.venue : `${r.venue} · worker ${r.worker}`,
+            r.symbol, r.transport, num(r.events), r.latency_ms ?? "–", r.silent_seconds ?? "–", r.state,
+          ],
           r.level,
         ),
       ),
