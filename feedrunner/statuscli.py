@@ -117,6 +117,7 @@ def render_status(s: dict[str, Any]) -> str:
     if s.get("alerts"):
         lines.append(f"alerts: {', '.join(s['alerts'])}")
     lines += _render_workers(s.get("workers"))
+    lines += _render_shards(s.get("cluster"))
     for name, v in s["venues"].items():
         lines.append(
             f"{name}  {v['adapter']}  {v['state']}  breaker {v['breaker']}  {v['rate_per_s']} ev/s"
@@ -174,6 +175,21 @@ def _render_workers(workers: list[dict[str, Any]] | None) -> list[str]:
             f"  worker {w['index']}  shard {w['shard']}  pid {w['pid'] or '-'}  {state}  restarts {w['restarts']}"
             + ("  leader" if w.get("leader") else "")
             + rss
+        )
+    return lines
+
+
+def _render_shards(cluster: dict[str, Any] | None) -> list[str]:
+    """The deployment's shards as the state store lists them, the rollout leader marked."""
+    if not cluster:
+        return []
+    shards = cluster.get("shards", [])
+    leader = cluster.get("leader")
+    lines = [f"shards: {len(shards)} in the store, leader: " + (f"shard {leader['shard']}" if leader else "none")]
+    for r in shards:
+        lines.append(
+            f"  shard {r['shard']}/{r['count']}  {r['host']} pid {r['pid']}  {r['url'] or '-'}  "
+            f"{r['symbols']} symbols  heartbeat {r['heartbeat_age_s']:g}s ago" + ("  leader" if r["leader"] else "")
         )
     return lines
 

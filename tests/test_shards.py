@@ -164,8 +164,13 @@ def test_three_shards_one_leader_failover_in_phase(tmp_path: Path, database: str
             assert other.returncode == 69, other.stderr[-2000:]
             assert ("same count" if name == "count2.yaml" else "held by another runner") in other.stderr
 
-        # A standby cannot steer; it names the leader.
+        # A standby cannot steer; it names the leader, and `feedrunner status` shows the shards.
         standby = next(i for i in runs if i != first)
+        shown = subprocess.run(
+            [sys.executable, "-m", "feedrunner.cli", "status", "--url", runs[standby].url],
+            capture_output=True, text=True, timeout=30,
+        ).stdout  # fmt: skip
+        assert f"shards: 3 in the store, leader: shard {first}" in shown, shown
         code, body = runs[standby].cli("rollout", "pause")
         assert code != 0 and body["leader"]["shard"] == first
 
