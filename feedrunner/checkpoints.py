@@ -13,6 +13,8 @@ from collections.abc import Mapping
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from feedrunner.statelock import create_tables
+
 META = sa.MetaData()
 TABLE = sa.Table(
     "trade_checkpoints",
@@ -32,7 +34,7 @@ class CheckpointStore:
 
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
-        META.create_all(engine)
+        create_tables(engine, META)
 
     def load(self) -> Checkpoints:
         with self.engine.connect() as c:

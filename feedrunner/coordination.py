@@ -34,7 +34,7 @@ from feedrunner.health import Reading
 from feedrunner.plan import mask_url
 from feedrunner.sharding import owner_of
 from feedrunner.spec import Condition, Spec
-from feedrunner.statelock import StoreBusy, StoreLock, held_shards
+from feedrunner.statelock import StoreBusy, StoreLock, create_tables, held_shards
 
 META = sa.MetaData()
 SHARDS = sa.Table(
@@ -88,7 +88,7 @@ class Registry:
 
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
-        META.create_all(engine)
+        create_tables(engine, META)
 
     def beat(self, row: dict[str, Any]) -> None:
         with self.engine.begin() as c:

@@ -27,7 +27,7 @@ from loguru import logger
 
 from feedrunner.health import SLACK, Health, Reading
 from feedrunner.spec import Condition, Rollout, Spec
-from feedrunner.statelock import sqlite_path
+from feedrunner.statelock import create_tables, sqlite_path
 from feedrunner.units import fmt_duration
 
 
@@ -104,7 +104,7 @@ def engine_for(url: str) -> sa.Engine:
 class Store:
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
-        META.create_all(engine)
+        create_tables(engine, META)
 
     def load(self) -> dict[str, Any] | None:
         with self.engine.connect() as c:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import time
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -181,3 +182,24 @@ def held_shards(url: str, engine: sa.Engine, count: int) -> set[int]:
         else:
             alive.add(index)
     return alive
+
+
+PG_SCHEMA = (0x66726E72, 2)  # held for a transaction while tables are created
+
+
+def create_tables(engine: sa.Engine, meta: sa.MetaData) -> None:
+    """CREATE TABLE IF NOT EXISTS, safe when several processes start on an empty store at once: on
+    PostgreSQL two such statements for one table race in the catalogue (one fails on a unique index), so
+    the creation is serialised by a transaction-scoped advisory lock."""
+    if engine.dialect.name != "postgresql":  # SQLite: a table made meanwhile fails the CREATE; look again
+        for attempt in range(5):
+            try:
+                meta.create_all(engine)
+                return
+            except sa.exc.OperationalError:
+                if attempt == 4:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+    with engine.begin() as conn:
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:a, :b)"), {"a": PG_SCHEMA[0], "b": PG_SCHEMA[1]})
+        meta.create_all(conn)

@@ -250,3 +250,28 @@ def test_three_shards_one_leader_failover_in_phase(tmp_path: Path, database: str
     finally:
         for run in runs.values():
             assert run.stop() == 0, run.text()[-3000:]
+
+
+@pytest.mark.parametrize("store", ["postgresql", "sqlite"])
+def test_shards_starting_at_once_on_an_empty_store_all_get_their_tables(store, tmp_path: Path, request):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from feedrunner.checkpoints import CheckpointStore
+    from feedrunner.coordination import Registry
+    from feedrunner.rollout import Store, engine_for
+
+    url = request.getfixturevalue("database") if store == "postgresql" else f"sqlite:///{tmp_path}/state.db"
+    engines = [engine_for(url) for _ in range(6)]
+    barrier = __import__("threading").Barrier(len(engines))
+
+    def start(engine: sa.Engine) -> None:
+        barrier.wait()
+        Store(engine), CheckpointStore(engine), Registry(engine)
+
+    try:
+        with ThreadPoolExecutor(len(engines)) as pool:
+            for f in [pool.submit(start, e) for e in engines]:
+                f.result()  # none raised
+    finally:
+        for e in engines:
+            e.dispose()
