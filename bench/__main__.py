@@ -13,6 +13,7 @@ BENCHMARKS = [
     "bench.ib_stream",
     "bench.bus_sinks",
     "bench.peer_cryptofeed",
+    "bench.scale_out",
 ]
 
 

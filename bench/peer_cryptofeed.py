@@ -286,16 +286,19 @@ async def latency_at(total: int) -> dict[str, Any]:
 # --- 2. RSS ------------------------------------------------------------------------------------------------
 
 
-def _feeds_yaml(sim: Sim, symbols: Sequence[str], tmp: Path) -> Path:
-    """A real feeds.yaml for `feedrunner run`: bench/ccxt_stream's document, with a JSONL sink and an
-    SQLite store in `tmp`."""
+def _feeds_yaml(
+    sim: Sim, symbols: Sequence[str], tmp: Path, sink_path: str = "{venue}/{date}.jsonl", **settings: Any
+) -> Path:
+    """A real feeds.yaml for `feedrunner run`: bench/ccxt_stream's document, with a JSONL sink (under
+    tmp/data) and an SQLite store in `tmp`, and any further top-level settings."""
     doc = bench_doc(
         sim.endpoints,
         symbols,
-        sinks=[{"type": "jsonl", "path": f"{tmp}/data/{{venue}}/{{date}}.jsonl"}],
+        sinks=[{"type": "jsonl", "path": f"{tmp}/data/{sink_path}"}],
         state_url=f"sqlite:///{tmp}/state.db",
     )
     doc["event_loop"] = FEEDRUNNER_LOOP
+    doc.update(settings)
     path = tmp / "feeds.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
