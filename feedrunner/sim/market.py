@@ -53,6 +53,8 @@ class SymbolState:
     bids: dict[float, float] = field(default_factory=dict)
     asks: dict[float, float] = field(default_factory=dict)
     last: SimTrade | None = None
+    bid_low: float = 0.0  # the ladder's far ends, kept so a print never scans the book for them
+    ask_high: float = 0.0
 
 
 def _base_price(symbol: str) -> float:
@@ -106,6 +108,7 @@ class MarketModel:
         for i in range(1, self.LEVELS + 1):
             st.bids[round(mid - i * tick, 10)] = round(rng.uniform(0.1, 5.0), 4)
             st.asks[round(mid + i * tick, 10)] = round(rng.uniform(0.1, 5.0), 4)
+        st.bid_low, st.ask_high = min(st.bids), max(st.asks)
         self._symbols[symbol] = st
         return st
 
@@ -142,31 +145,52 @@ class MarketModel:
         return trade, self._rebook(st, ts)
 
     def _rebook(self, st: SymbolState, ts: int) -> BookDiff:
+        """The mid's level leaves the book, the three levels either side get new sizes, and each side is
+        topped up or trimmed at its far end back to LEVELS (the ladder stays contiguous on the tick grid,
+        so the far ends are tracked, not searched for)."""
         r10, rnd = self._round10, st.rng.random
         first = st.update_id + 1
         bids: list[tuple[float, float]] = []
         asks: list[tuple[float, float]] = []
         mid, tick = st.mid, st.tick
-        if st.bids.pop(mid, None) is not None:
+        sb, sa = st.bids, st.asks
+        if sb.pop(mid, None) is not None:
             bids.append((mid, 0.0))
-        if st.asks.pop(mid, None) is not None:
+            if mid == st.bid_low:
+                st.bid_low = r10(mid + tick)
+        if sa.pop(mid, None) is not None:
             asks.append((mid, 0.0))
+            if mid == st.ask_high:
+                st.ask_high = r10(mid - tick)
         for i in range(1, 4):
             bp, ap = r10(mid - i * tick), r10(mid + i * tick)
-            bq, aq = _q4(0.1 + (5.0 - 0.1) * rnd()), _q4(0.1 + (5.0 - 0.1) * rnd())
-            st.bids[bp], st.asks[ap] = bq, aq
+            bq, aq = _q4(0.1 + 4.9 * rnd()), _q4(0.1 + 4.9 * rnd())
+            sb[bp], sa[ap] = bq, aq
             bids.append((bp, bq))
             asks.append((ap, aq))
+            if bp < st.bid_low:
+                st.bid_low = bp
+            if ap > st.ask_high:
+                st.ask_high = ap
         levels = self.LEVELS
-        for side, out, sign in ((st.bids, bids, -1), (st.asks, asks, 1)):
-            while len(side) < levels:
-                far = r10((min(side) - tick) if sign < 0 else (max(side) + tick))
-                side[far] = _q4(0.1 + (5.0 - 0.1) * rnd())
-                out.append((far, side[far]))
-            while len(side) > levels:
-                far = min(side) if sign < 0 else max(side)
-                del side[far]
-                out.append((far, 0.0))
+        while len(sb) < levels:
+            far = st.bid_low = r10(st.bid_low - tick)
+            q = sb[far] = _q4(0.1 + 4.9 * rnd())
+            bids.append((far, q))
+        while len(sb) > levels:
+            far = st.bid_low
+            del sb[far]
+            st.bid_low = r10(far + tick)
+            bids.append((far, 0.0))
+        while len(sa) < levels:
+            far = st.ask_high = r10(st.ask_high + tick)
+            q = sa[far] = _q4(0.1 + 4.9 * rnd())
+            asks.append((far, q))
+        while len(sa) > levels:
+            far = st.ask_high
+            del sa[far]
+            st.ask_high = r10(far - tick)
+            asks.append((far, 0.0))
         st.update_id = first + len(bids) + len(asks) - 1
         return BookDiff(first, st.update_id, bids, asks, ts)
 
