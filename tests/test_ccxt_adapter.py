@@ -308,3 +308,29 @@ async def test_a_symbol_set_that_changes_is_streamed_once(run_adapter, sim):
     moved = [e for e in out.events if isinstance(e, Trade) and e.backfilled and e.symbol != "BTC/USDT"]
     assert not moved, "ETH and SOL moved connections without a gap to backfill"
     assert sample(adapter, "feedrunner_trades_lost_total") == 0
+
+
+async def test_a_subscribed_trade_set_is_woken_by_the_parse_not_by_a_watch_call_per_batch(run_adapter, sim):
+    """Once a set's watch call has returned, its loop waits on the trades ccxt parses for it: hundreds of
+    batches, a handful of watch calls. A drop fails that wait like a watch call; the loop watches again
+    (reconnecting and resubscribing) and is woken by the parse again, losing nothing."""
+    adapter, out = await run_adapter("websocket", channels=["trades"])
+    await wait_until(lambda: all(out.of(Trade, s) for s in SYMBOLS), 10, "trades")
+    calls = 0
+    watch = adapter.exchange.watch_trades_for_symbols
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return await watch(*args, **kwargs)
+
+    adapter.exchange.watch_trades_for_symbols = counted
+    n = len(out.events)
+    await asyncio.sleep(2.0)  # 3 symbols x 40 trades/s
+    assert len(out.events) - n > 150 and calls <= 1
+    sim.inject("drop")
+    before = {s: len(out.of(Trade, s)) for s in SYMBOLS}
+    await wait_until(lambda: all(len(out.of(Trade, s)) > before[s] + 40 for s in SYMBOLS), 10, "trades after")
+    assert 1 <= calls <= 3  # watched again after the drop, then woken by the parse once more
+    out.assert_contiguous()
+    assert sample(adapter, "feedrunner_trades_lost_total") == 0

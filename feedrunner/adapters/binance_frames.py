@@ -11,23 +11,30 @@ loops. tests/test_binance_frames.py holds both parses to the same normalised Tra
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 REQUIRED = frozenset("estpqTm")
 ALLOWED = REQUIRED | frozenset("EMba")  # event time, "ignore", buyer/seller order ids (older streams)
 
 
-def install(exchange: Any) -> None:
-    """Route the instance's public spot trade frames through `parse`; a no-op where numbers are not floats."""
+def install(exchange: Any, arrived: Callable[[str], None] | None = None) -> bool:
+    """Route the instance's public spot trade frames through `parse`, and tell `arrived` the symbol of
+    every trade parsed (feedrunner.adapters.arrivals); False, and nothing done, where numbers are not
+    floats."""
     if getattr(exchange, "number", float) is not float:
-        return
+        return False
     ccxt_parse = exchange.parse_ws_trade
 
     def parse_ws_trade(trade: dict[str, Any], market: dict[str, Any] | None = None) -> dict[str, Any]:
         fast = parse(trade, market)
-        return fast if fast is not None else ccxt_parse(trade, market)
+        out = fast if fast is not None else ccxt_parse(trade, market)
+        if arrived is not None and out.get("symbol"):
+            arrived(out["symbol"])
+        return out
 
     exchange.parse_ws_trade = parse_ws_trade
+    return True
 
 
 def parse(trade: dict[str, Any], market: dict[str, Any] | None) -> dict[str, Any] | None:

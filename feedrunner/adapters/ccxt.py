@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from loguru import logger
 
 from feedrunner.adapters import binance_frames
+from feedrunner.adapters.arrivals import ArmedSet, Arrivals
 from feedrunner.adapters.base import Adapter, Emit, TradeContinuity, now_ns
 from feedrunner.adapters.base import short as _short
 from feedrunner.events import Book, Event, Ticker, Trade, ms_to_ns
@@ -139,6 +140,7 @@ class CcxtAdapter(Adapter):
         self._markets_checked: set[str] = set()  # symbols looked up again after load_markets missed them
         self._markets_pending: set[str] = set()
         self._seen_stamp: dict[tuple[str, str], Any] = {}
+        self._arrivals: Arrivals | None = None  # binance: trade loops woken by the parse, see arrivals.py
         self._metric_children: dict[tuple[str, str], tuple[Any, Any]] = {}  # last ticker timestamp / book nonce emitted
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -155,7 +157,7 @@ class CcxtAdapter(Adapter):
                 config[key] = v.credentials[field].reveal()
         client = cls(config)
         if isinstance(client, ccxt.pro.binance):
-            binance_frames.install(client)
+            self._arrivals = Arrivals() if binance_frames.install(client, self._arrived) else None
         if v.endpoints:
             client.urls["api"] = rebase(client.urls["api"], v.endpoints.get("rest"), v.endpoints.get("ws"))
             if v.exchange.startswith("binance"):
@@ -393,7 +395,19 @@ class CcxtAdapter(Adapter):
                 for symbol in [s for s in cache if s not in streamed]:
                     cache.pop(symbol, None)
 
+    def _arrived(self, symbol: str) -> None:
+        if self._arrivals is not None:
+            self._arrivals.arrived(symbol)
+
     async def _ws_loop(self, name: str, channel: str, symbols: list[str]) -> None:
+        armed = self._arrivals.watch(name, symbols) if channel == "trades" and self._arrivals else None
+        try:
+            await self._ws_reads(name, channel, symbols, armed)
+        finally:
+            if armed is not None:
+                armed.close()
+
+    async def _ws_reads(self, name: str, channel: str, symbols: list[str], armed: ArmedSet | None) -> None:
         ex = self.exchange
         depth = self.venue.book_depth
         reading = False
@@ -402,11 +416,15 @@ class CcxtAdapter(Adapter):
                 return
             began = time.monotonic()
             try:
-                if channel == "trades":
+                if armed is not None and armed.armed:  # subscribed: take what the parse says arrived
+                    await self._on_trades(self._swept_trades(await armed.next()), "websocket")
+                elif channel == "trades":
                     trades = await ex.watch_trades_for_symbols(symbols)
                     returned = {id(t) for t in trades}  # the sweep re-reads these from the same cache
                     swept = [t for t in self._swept_trades(symbols) if id(t) not in returned]
                     await self._on_trades([*trades, *swept], "websocket")
+                    if armed is not None:
+                        armed.arm(ex)
                 else:
                     if channel == "ticker":
                         await ex.watch_tickers(symbols, {"name": "ticker"})
