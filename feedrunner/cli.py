@@ -129,7 +129,7 @@ def _workers_flag(text: str) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from feedrunner.runner import file_signature, run
+    from feedrunner.filewatch import file_signature
     from feedrunner.sharding import parse_shard
     from feedrunner.spec import check_file, describe
 
@@ -165,6 +165,8 @@ def _run(args: argparse.Namespace) -> int:
         from feedrunner import supervisor
 
         return supervisor.run(args.file, spec, watch=args.watch, read_from=read_from)
+    from feedrunner.runner import run
+
     return run(spec, watch=args.watch, read_from=read_from)
 
 

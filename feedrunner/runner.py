@@ -34,7 +34,9 @@ from feedrunner.control import ControlServer
 from feedrunner.controlapi import RunnerApi
 from feedrunner.coordination import ClusterHealth, Coordinator
 from feedrunner.eventloop import new_loop
+from feedrunner.filewatch import file_signature
 from feedrunner.health import Health
+from feedrunner.logsetup import configure_logging
 from feedrunner.metrics import Metrics
 from feedrunner.pipeline import Pipeline
 from feedrunner.plan import RESTART_FIELDS, Change, diff, mask_url, spec_to_dict
@@ -692,24 +694,6 @@ class Runner:
             job = self.scheduler.get_job("rollout") or self.scheduler.get_job("health")
             out["next_evaluation"] = job.next_run_time.timestamp() if job and job.next_run_time else None
         return out
-
-
-def configure_logging(spec: Spec) -> None:
-    logger.remove()
-    if spec.log_format == "json":
-        logger.add(sys.stderr, level=spec.log_level, serialize=True)
-    else:
-        logger.add(sys.stderr, level=spec.log_level, format="{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {message}")
-
-
-def file_signature(path: str) -> tuple[int, int, int] | None:
-    """stat() by path, not by open handle: editors that save by writing a new file and renaming it over
-    the old one change the inode, which this sees."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None  # mid-rename: try again next tick
-    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 async def watch_file(runner: Runner, path: str, last: tuple[int, int, int] | None, every: float = 0.5) -> None:

@@ -38,6 +38,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from feedrunner.control import ControlServer
 from feedrunner.controlapi import SupervisorApi
+from feedrunner.filewatch import file_signature
+from feedrunner.logsetup import configure_logging
 from feedrunner.plan import RESTART_FIELDS
 from feedrunner.resilience import BackoffTimer
 from feedrunner.spec import Backoff, Shard, Spec, check_file
@@ -231,8 +233,6 @@ class Supervisor:
         self.spec = dataclasses.replace(spec, **{k: getattr(self.spec, k) for k in RESTART_FIELDS})
 
     async def _watch(self) -> None:
-        from feedrunner.runner import file_signature
-
         last = self.read_from
         while True:
             await asyncio.sleep(WATCH_EVERY)
@@ -348,7 +348,5 @@ class Supervisor:
 
 
 def run(file: str, spec: Spec, watch: bool = False, read_from: tuple[int, int, int] | None = None) -> int:
-    from feedrunner.runner import configure_logging
-
     configure_logging(spec)
     return asyncio.run(Supervisor(file, spec, watch, read_from).serve())
