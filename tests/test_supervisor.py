@@ -691,3 +691,73 @@ def test_a_reload_reaches_every_worker_and_moves_no_symbol(tmp_path: Path):
             sup.kill()
             sup.wait()
     assert "Traceback" not in log.read_text()
+
+
+ROLLOUT = """\
+version: 1
+environment: simulator
+simulator: {{rate: 10}}
+workers: 2
+coordination: {{lease: 2s, poll: 200ms}}
+defaults: {{poll_interval: 500ms}}
+venues:
+  binance: {{adapter: ccxt, exchange: binance, channels: [trades], symbols: [{symbols}]}}
+rollout:
+  baseline: polling
+  target: websocket
+  phases:
+    - {{name: one, symbols: [{one}], dwell: 2s}}
+    - {{name: all, symbols: all}}
+  gates: [{{metric: error_rate, below: 50%, window: 1s}}]
+health: {{interval: 250ms}}
+sinks: [{{type: jsonl, path: "out/{{shard}}/{{symbol}}.jsonl", flush_interval: 200ms}}]
+server: {{listen: "127.0.0.1:0"}}
+state: {{url: "sqlite:///state/feedrunner.db"}}
+"""
+
+
+@pytest.mark.timeout(90)
+def test_workers_on_one_sqlite_store_share_one_rollout_led_by_one_of_them(tmp_path: Path):
+    symbols = SYMBOLS[:8]
+    owner = {s: assignment_of(symbols)[s] for s in symbols}
+    one = [next(s for s in symbols if owner[s] == w) for w in (0, 1)]  # a symbol of each worker
+    (tmp_path / "feeds.yaml").write_text(
+        ROLLOUT.format(symbols=", ".join(symbols), one=", ".join(f"binance:{s}" for s in one))
+    )
+    log = tmp_path / "run.log"
+    sup = spawn(tmp_path, stderr=log.open("w"))
+    try:
+        url = wait_for(lambda: control_url(log), 30, "the supervisor's control server")
+
+        def phase_one() -> dict[str, Any] | None:
+            s = get(f"{url}/status")
+            rows = s["venues"].get("binance", {}).get("symbols", {})
+            ok = s["rollout"] and s["rollout"]["phase"] == "one" and len(rows) == len(symbols)
+            return (
+                s
+                if ok and all(rows[x]["transport"] == ("websocket" if x in one else "polling") for x in rows)
+                else None
+            )
+
+        status = wait_for(phase_one, 30, "phase one on both workers")
+        assert sum(1 for w in status["workers"] if w["leader"]) == 1  # one worker leads, the other stands by
+
+        def completed() -> bool:
+            s = get(f"{url}/status")
+            rows = s["venues"]["binance"]["symbols"]
+            return s["rollout"]["state"] == "completed" and all(r["transport"] == "websocket" for r in rows.values())
+
+        wait_for(completed, 30, "the promotion on both workers")
+        sup.send_signal(signal.SIGTERM)
+        assert sup.wait(timeout=40) == 0
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+            sup.wait()
+    assert "Traceback" not in log.read_text()
+
+
+def assignment_of(symbols: list[str]) -> dict[str, int]:
+    spec, problems = check_text(SIMULATED.format(symbols=", ".join(symbols)), "feeds.yaml", {})
+    assert spec is not None, problems
+    return {s: g for (_, s), g in assignment(spec, 2).items()}
