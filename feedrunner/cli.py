@@ -118,23 +118,13 @@ def _validate(args: argparse.Namespace) -> int:
     return worst
 
 
-def _workers_flag(text: str) -> int:
-    from feedrunner.spec import available_cores
-
-    if text == "auto":
-        return available_cores()
-    if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"--workers takes a whole number >= 1 or auto (got {text!r})")
-    return int(text)
-
-
 def _run(args: argparse.Namespace) -> int:
     from feedrunner.filewatch import file_signature
     from feedrunner.sharding import parse_shard
-    from feedrunner.spec import check_file, describe
+    from feedrunner.spec import check_file, describe, workers_wanted
 
     try:
-        workers = _workers_flag(args.workers) if args.workers is not None else None
+        workers = workers_wanted(args.workers, "--workers") if args.workers is not None else None
         shard = parse_shard(args.shard) if args.shard is not None else None
     except ValueError as exc:
         print(f"feedrunner: {exc}", file=sys.stderr)

@@ -27,16 +27,15 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from feedrunner.filewatch import CHECK_TIMEOUT, log_rejected, recheck
 from feedrunner.plan import spec_to_dict
-from feedrunner.spec import check_file
 
 if TYPE_CHECKING:
     from feedrunner.runner import Runner
     from feedrunner.supervisor import Supervisor, Worker
 
 WORKER_TIMEOUT = 2.0  # seconds a worker's control server has to answer the supervisor
-RELOAD_TIMEOUT = 40.0  # a worker's reload reads and checks feeds.yaml within 30 s, then applies it
-CHECK_TIMEOUT = 30.0  # seconds the supervisor's own check of feeds.yaml may take
+RELOAD_TIMEOUT = CHECK_TIMEOUT + 10.0  # a worker's reload reads and checks feeds.yaml, then applies it
 STATE_RANK = {"connected": 0, "degraded": 1, "connecting": 2, "reconnecting": 3, "disconnected": 4, "failed": 5}
 BREAKER_RANK = {"closed": 0, "half_open": 1, "open": 2}
 SINK_RANK = {"ok": 0, "connecting": 1, "retrying": 2, "failing": 3}
@@ -346,15 +345,9 @@ class SupervisorApi:
 
     async def reload(self) -> tuple[str, list[dict[str, Any]], list[str]]:
         """The file is checked here first: an invalid one reaches no worker."""
-        file = self.sup.file
-        try:
-            spec, problems = await asyncio.wait_for(asyncio.to_thread(check_file, file), CHECK_TIMEOUT)
-        except TimeoutError:
-            spec, problems = None, [f"{file}: not read within {CHECK_TIMEOUT:g}s"]
+        spec, problems = await recheck(self.sup.file)
         if spec is None:
-            logger.error("reload rejected, every worker keeps its config: {} problem(s)", len(problems))
-            for p in problems:
-                logger.error("  {}", p)
+            log_rejected(problems, "every worker keeps its config")
             return "invalid", [], [str(p) for p in problems]
         answers = await self._each("/reload", "POST", RELOAD_TIMEOUT)
         self.sup.adopt(spec)

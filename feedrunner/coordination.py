@@ -114,29 +114,25 @@ class ClusterHealth:
         self.registry = registry
         self.fresh_for = fresh_for
         self.clock = clock
-        self.rows: list[dict[str, Any]] = []
-        self.alive: set[int] = set()
+        self.fresh: dict[int, dict[str, Any]] = {}  # shard -> its readings, as of the last refresh
 
     def refresh(self) -> None:
-        self.rows = self.registry.rows()
-        self.alive = held_shards(self.spec.state_url, self.registry.engine, self.spec.shard.count)
-
-    def fresh(self) -> dict[int, dict[str, Any]]:
-        """Shards of this deployment that are alive (their lock is held) with recent readings, parsed."""
+        """Once per evaluation: the shards of this deployment that are alive (their lock is held) with
+        recent readings, parsed, for every condition the evaluation judges."""
+        alive = held_shards(self.spec.state_url, self.registry.engine, self.spec.shard.count)
         now, count = self.clock(), self.spec.shard.count
-        out = {}
-        for row in self.rows:
-            recent = now - row["readings_at"] <= self.fresh_for
-            if row["count"] == count and row["shard"] in self.alive and recent:
-                out[row["shard"]] = json.loads(row["readings"])
-        return out
+        self.fresh = {
+            row["shard"]: json.loads(row["readings"])
+            for row in self.registry.rows()
+            if row["count"] == count and row["shard"] in alive and now - row["readings_at"] <= self.fresh_for
+        }
 
     def evaluate(
         self, cond: Condition, venues: Iterable[str], keys: Iterable[tuple[str, str]], transport: str | None
     ) -> Reading:
         key = reading_key(cond, transport)
         readings = []
-        for data in self.fresh().values():
+        for data in self.fresh.values():
             got = data.get("conditions", {}).get(key)
             if got is not None:
                 value, samples, covered = got
@@ -145,7 +141,7 @@ class ClusterHealth:
 
     def silent(self, keys: Iterable[tuple[str, str]], transport: str, window: float) -> list[tuple[str, str]]:
         """Target symbols a shard reported silent, and every target symbol of a shard not reporting."""
-        fresh = self.fresh()
+        fresh = self.fresh
         said = {tuple(k) for data in fresh.values() if data.get("transport") == transport for k in data["silent"]}
         count = self.spec.shard.count
         out = []

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import json
 import os
 import signal
 import sys
@@ -34,7 +35,7 @@ from feedrunner.control import ControlServer
 from feedrunner.controlapi import RunnerApi
 from feedrunner.coordination import ClusterHealth, Coordinator
 from feedrunner.eventloop import new_loop
-from feedrunner.filewatch import file_signature
+from feedrunner.filewatch import log_rejected, recheck, watch_file
 from feedrunner.health import Health
 from feedrunner.logsetup import configure_logging
 from feedrunner.metrics import Metrics
@@ -395,18 +396,13 @@ class Runner:
 
     async def reload_file(self, path: str | None = None) -> tuple[str, list[Change], list[Any]]:
         """Validate fully first; an invalid file is rejected and the running config stays."""
-        from feedrunner.spec import check_file
-
         if not self.started or self.stopping:  # a reload racing start or stop would add a venue twice
             why = "starting" if not self.started else "stopping"
             logger.warning("reload refused: the runner is {}", why)
             return "invalid", [], [f"the runner is {why}: reload again once it runs"]
         async with self._reload_lock:
             path = path or self.spec.source
-            try:
-                spec, problems = await asyncio.wait_for(asyncio.to_thread(check_file, path), RELOAD_TIMEOUT)
-            except TimeoutError:
-                spec, problems = None, [f"{path}: not read within {RELOAD_TIMEOUT:g}s"]
+            spec, problems = await recheck(path)
             if spec is None:
                 self.reject_reload(problems)
                 return "invalid", [], problems
@@ -415,9 +411,7 @@ class Runner:
 
     def reject_reload(self, problems: list[Any]) -> None:
         self.reloads.labels("invalid").inc()
-        logger.error("reload rejected, the running config stays: {} problem(s)", len(problems))
-        for p in problems:
-            logger.error("  {}", p)
+        log_rejected(problems, "the running config stays")
 
     async def stop(self) -> None:
         """Scheduler, server and timers first; then the venues (concurrently, within half the shutdown
@@ -696,19 +690,6 @@ class Runner:
         return out
 
 
-async def watch_file(runner: Runner, path: str, last: tuple[int, int, int] | None, every: float = 0.5) -> None:
-    """Reload when the file changes from `last`, its signature taken before the spec was read: an edit
-    saved while the runner was starting is a change too."""
-    while True:
-        await asyncio.sleep(every)
-        now = file_signature(path)
-        if now is not None and now != last:
-            await asyncio.sleep(0.2)  # let a burst of writes settle
-            last = file_signature(path)
-            logger.info("{} changed on disk: reloading", path)
-            await runner.reload_file(path)
-
-
 async def freeze_heap_when_up(runner: Runner, timeout: float = 30.0) -> None:
     """Once the venues are up (markets loaded) or `timeout` passed, move everything alive into the
     collector's permanent generation.
@@ -762,7 +743,7 @@ async def serve(
             _announce(announce, runner)
         freezer = asyncio.create_task(freeze_heap_when_up(runner), name="freeze-heap")
         if watch:
-            watcher = asyncio.create_task(watch_file(runner, spec.source, read_from), name="watch")
+            watcher = asyncio.create_task(watch_file(spec.source, read_from, runner.reload_file), name="watch")
         await stop.wait()
         if not failure:
             logger.info("signal received: draining and stopping")
@@ -789,7 +770,6 @@ async def serve(
 
 
 CHECKPOINT_EVERY = 5.0  # seconds between trade checkpoint saves (one upsert of every symbol)
-RELOAD_TIMEOUT = 30.0  # seconds a reload may take to read and check feeds.yaml
 EXIT_GRACE = 5.0  # seconds past shutdown.deadline before the process exits whatever is still running
 
 
@@ -809,8 +789,6 @@ def _exit_after(seconds: float) -> threading.Timer:
 
 def _announce(path: str, runner: Runner) -> None:
     """Written whole or not at all (tmp + rename): the supervisor never reads half a file."""
-    import json
-
     shard = runner.spec.shard
     port = runner.control.port if runner.control is not None else None
     tmp = f"{path}.tmp"

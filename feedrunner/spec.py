@@ -731,7 +731,7 @@ class _SpecBuilder:
         return Shard(raw["index"], raw["count"])
 
     def _workers(self, raw: int | str, sinks: tuple[Sink, ...]) -> int:
-        workers = available_cores() if raw == "auto" else int(raw)
+        workers = workers_wanted(raw)  # the schema let only a number >= 1 or auto through
         if workers > 1:
             for i, sink in enumerate(sinks):
                 problem = shared_file(sink)
@@ -1316,6 +1316,16 @@ def available_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def workers_wanted(raw: int | str, name: str = "workers") -> int:
+    """`workers` as feeds.yaml or --workers gives it: a whole number >= 1, or auto (the cores)."""
+    if raw == "auto":
+        return available_cores()
+    if isinstance(raw, int) or (isinstance(raw, str) and raw.isdigit()):
+        if int(raw) >= 1:
+            return int(raw)
+    raise ValueError(f"{name} takes a whole number >= 1 or auto (got {raw!r})")
 
 
 def shared_file(sink: Sink) -> tuple[tuple[str, ...], str] | None:

@@ -38,17 +38,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from feedrunner.control import ControlServer
 from feedrunner.controlapi import SupervisorApi
-from feedrunner.filewatch import file_signature
+from feedrunner.filewatch import recheck, watch_file
 from feedrunner.logsetup import configure_logging
 from feedrunner.plan import RESTART_FIELDS
 from feedrunner.resilience import BackoffTimer
-from feedrunner.spec import Backoff, Shard, Spec, check_file
+from feedrunner.spec import Backoff, Shard, Spec
 
 EX_SOFTWARE = 70
 EX_UNAVAILABLE = 69
 EXIT_GRACE = 5.0  # seconds past shutdown.deadline before a worker still draining is killed
 ANNOUNCE_POLL = 0.1  # seconds between looks for a starting worker's announce file
-WATCH_EVERY = 0.5  # seconds between looks at feeds.yaml with --watch
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 EXIT_MEANING = {78: "invalid configuration", 69: "a service it needs is unavailable (a shard lock still held?)"}
 
@@ -188,7 +187,7 @@ class Supervisor:
             )
             keepers = [asyncio.create_task(self._keep(w), name=f"worker-{w.index}") for w in self.workers]
             if self.watch:
-                watcher = asyncio.create_task(self._watch(), name="watch")
+                watcher = asyncio.create_task(watch_file(self.file, self.read_from, self.refresh_spec), name="watch")
             await self._stop.wait()
             return await self._stop_workers(keepers)
         finally:
@@ -225,22 +224,12 @@ class Supervisor:
     async def refresh_spec(self) -> None:
         """The supervisor's own view of feeds.yaml (its /config) follows what the workers reload; settings
         that need a restart keep their running values, as in a runner."""
-        spec, _ = await asyncio.to_thread(check_file, self.file)
+        spec, _ = await recheck(self.file)
         if spec is not None:
             self.adopt(spec)
 
     def adopt(self, spec: Spec) -> None:
         self.spec = dataclasses.replace(spec, **{k: getattr(self.spec, k) for k in RESTART_FIELDS})
-
-    async def _watch(self) -> None:
-        last = self.read_from
-        while True:
-            await asyncio.sleep(WATCH_EVERY)
-            now = file_signature(self.file)
-            if now is not None and now != last:
-                await asyncio.sleep(0.2)  # the workers, watching too, reload after the same settling
-                last = file_signature(self.file)
-                await self.refresh_spec()
 
     async def _keep(self, w: Worker) -> None:
         """Run one worker until stopped: restart it with backoff whenever it exits unasked."""
