@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +29,24 @@ async def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> flo
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.05)
     return time.monotonic() - start
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, what: str, every: float = 0.1) -> Any:
+    """The blocking `wait_until`, for tests that drive processes: `pred`'s first truthy value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(every)
+
+
+def http_get(url: str) -> Any:
+    """A control server's answer: JSON when it says so, else text."""
+    with urllib.request.urlopen(url, timeout=10) as r:
+        body = r.read()
+    return json.loads(body) if r.headers.get_content_type() == "application/json" else body.decode()
 
 
 class Clock:

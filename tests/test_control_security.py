@@ -20,7 +20,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from loguru import logger
 
 from feedrunner.cli import main
 from feedrunner.control import ControlServer
@@ -123,15 +122,6 @@ def request(port: int, method: str = "GET", path: str = "/status", host: str | N
     if method == "POST":
         lines.append("Content-Length: 0")
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-@pytest.fixture
-def lines() -> Any:
-    """Our log as JSON records (as `logging.format: json` writes them)."""
-    records: list[dict[str, Any]] = []
-    sink = logger.add(lambda m: records.append(json.loads(m)["record"]), serialize=True, level="DEBUG")
-    yield records
-    logger.remove(sink)
 
 
 # --- /config and fingerprints -------------------------------------------------------------------------

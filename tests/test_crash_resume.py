@@ -10,7 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from helpers import spawn
+from helpers import spawn, wait_for
 
 FEEDS = """\
 version: 1
@@ -41,13 +41,6 @@ def ids(path: Path) -> list[tuple[int, bool]]:
             rec = json.loads(line)
             out.append((int(rec["id"]), bool(rec["backfilled"])))
     return out
-
-
-def wait_for(pred, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def test_kill_dash_nine_then_restart_loses_no_trade(tmp_path: Path):

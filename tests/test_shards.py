@@ -7,14 +7,12 @@ holds the promotion, and once it is back the promotions reach every shard."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,8 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from helpers import spawn
+from helpers import http_get, spawn
+from helpers import wait_for as until
 from runproc import Run
 
 from feedrunner.sharding import owner
@@ -89,18 +88,7 @@ def sim(tmp_path: Path) -> Iterator[tuple[str, str]]:
 
 
 def status(run: Run) -> dict[str, Any]:
-    with urllib.request.urlopen(run.url + "/status", timeout=10) as r:
-        return json.loads(r.read())
-
-
-def until(pred, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
+    return http_get(run.url + "/status")
 
 
 def served(runs: dict[int, Run]) -> dict[str, int]:

@@ -18,8 +18,8 @@ import sys
 import time
 import urllib.request
 from collections import Counter as Tally
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,8 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from helpers import spawn, wait_until
-from loguru import logger
+from helpers import http_get as get
+from helpers import spawn, wait_for, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from feedrunner import supervisor
@@ -60,22 +60,6 @@ CONTROL = re.compile(r"INFO\s+control server on (http://127\.0\.0\.1:\d+)")  # t
 # --- helpers -----------------------------------------------------------------------------------------------
 
 
-def get(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=10) as r:
-        body = r.read()
-    return json.loads(body) if r.headers.get_content_type() == "application/json" else body.decode()
-
-
-def wait_for(pred, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
 def trades(out: Path) -> dict[str, dict[str, list[tuple[int, bool]]]]:
     """shard directory -> symbol file -> (trade id, backfilled) in file order; a line still being written
     (no newline yet) is left for the next read."""
@@ -104,6 +88,19 @@ def gone(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+@contextmanager
+def supervised(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, str, Path]]:
+    """`feedrunner run` (a supervisor) in tmp_path: (process, control URL, log); killed if still running."""
+    log = tmp_path / "run.log"
+    sup = spawn(tmp_path, stderr=log.open("w"))
+    try:
+        yield sup, wait_for(lambda: control_url(log), 30, "the supervisor's control server"), log
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+            sup.wait()
 
 
 def control_url(log: Path) -> str | None:
@@ -338,14 +335,6 @@ def test_metrics_merge_labels_each_workers_samples_under_one_family(lines):
     assert samples[("feedrunner_workers", ())] == 2.0
     assert not any(dict(k[1]).get("worker") == "2" for k in samples)  # an unreadable worker is left out
     assert any("worker 2: /metrics unreadable" in r["message"] for r in lines)
-
-
-@pytest.fixture
-def lines() -> Any:
-    records: list[dict[str, Any]] = []
-    sink = logger.add(lambda m: records.append(json.loads(m)["record"]), serialize=True, level="DEBUG")
-    yield records
-    logger.remove(sink)
 
 
 SINK_OK = {"state": "ok", "since": None, "last_error": None, "events_written": 100, "events_failed": 0,
@@ -654,10 +643,7 @@ def test_a_reload_reaches_every_worker_and_moves_no_symbol(tmp_path: Path):
     first, more = SYMBOLS[:8], SYMBOLS[8:14]
     feeds = tmp_path / "feeds.yaml"
     feeds.write_text(SIMULATED.format(symbols=", ".join(first)))
-    log = tmp_path / "run.log"
-    sup = spawn(tmp_path, stderr=log.open("w"))
-    try:
-        url = wait_for(lambda: control_url(log), 30, "the supervisor's control server")
+    with supervised(tmp_path) as (sup, url, log):
         status = wait_for(lambda: (s := get(f"{url}/status"))["ready"] and s, 30, "both workers ready")
         before = {s: r["worker"] for s, r in status["venues"]["binance"]["symbols"].items()}
         assert sorted(before) == first and set(before.values()) == {0, 1}
@@ -686,10 +672,6 @@ def test_a_reload_reaches_every_worker_and_moves_no_symbol(tmp_path: Path):
         )
         sup.send_signal(signal.SIGTERM)
         assert sup.wait(timeout=40) == 0
-    finally:
-        if sup.poll() is None:
-            sup.kill()
-            sup.wait()
     assert "Traceback" not in log.read_text()
 
 
@@ -724,10 +706,7 @@ def test_workers_on_one_sqlite_store_share_one_rollout_led_by_one_of_them(tmp_pa
     (tmp_path / "feeds.yaml").write_text(
         ROLLOUT.format(symbols=", ".join(symbols), one=", ".join(f"binance:{s}" for s in one))
     )
-    log = tmp_path / "run.log"
-    sup = spawn(tmp_path, stderr=log.open("w"))
-    try:
-        url = wait_for(lambda: control_url(log), 30, "the supervisor's control server")
+    with supervised(tmp_path) as (sup, url, log):
 
         def phase_one() -> dict[str, Any] | None:
             s = get(f"{url}/status")
@@ -750,10 +729,6 @@ def test_workers_on_one_sqlite_store_share_one_rollout_led_by_one_of_them(tmp_pa
         wait_for(completed, 30, "the promotion on both workers")
         sup.send_signal(signal.SIGTERM)
         assert sup.wait(timeout=40) == 0
-    finally:
-        if sup.poll() is None:
-            sup.kill()
-            sup.wait()
     assert "Traceback" not in log.read_text()
 
 
