@@ -334,3 +334,78 @@ async def test_a_subscribed_trade_set_is_woken_by_the_parse_not_by_a_watch_call_
     assert 1 <= calls <= 3  # watched again after the drop, then woken by the parse once more
     out.assert_contiguous()
     assert sample(adapter, "feedrunner_trades_lost_total") == 0
+
+
+async def test_a_subscribed_sets_trade_frames_are_taken_before_ccxts_dispatch(run_adapter, sim):
+    """Once armed, the set's @trade frames are parsed as they are read: ccxt's trade handler (market
+    lookups, cache, futures) no longer runs for them, and what is emitted is still every trade, in order."""
+    adapter, out = await run_adapter("websocket", channels=["trades"])
+    await wait_until(lambda: all(out.of(Trade, s) for s in SYMBOLS), 10, "trades")
+    handled = 0
+    ccxt_handle_trade = adapter.exchange.handle_trade
+
+    def counted(client: Any, message: Any) -> Any:
+        nonlocal handled
+        handled += 1
+        return ccxt_handle_trade(client, message)
+
+    adapter.exchange.handle_trade = counted  # ccxt's dispatch looks it up on the instance per message
+    n = len(out.events)
+    await asyncio.sleep(2.0)
+    assert len(out.events) - n > 150 and handled <= 3
+    out.assert_contiguous()
+    assert sample(adapter, "feedrunner_trades_lost_total") == 0
+
+
+async def test_trade_frames_ccxt_parses_and_frames_taken_directly_are_emitted_in_id_order(run_adapter, sim):
+    """A trade frame of another shape goes to ccxt (its cache, then the sweep); mixed with frames taken
+    directly in one batch, each symbol's trades are still emitted in id order, none lost, none repeated."""
+    adapter, out = await run_adapter("websocket", channels=["trades"])
+    await wait_until(lambda: all(out.of(Trade, s) for s in SYMBOLS), 10, "trades")
+    arrivals = adapter._arrivals
+    direct = arrivals._parse
+    declined = 0
+
+    def every_other(frame: dict[str, Any], market: dict[str, Any]) -> Any:
+        nonlocal declined
+        if frame["t"] % 2:
+            declined += 1
+            return None  # as for a frame of a shape we do not know: ccxt parses it
+        return direct(frame, market)
+
+    arrivals._parse = every_other
+    sim.set_rate(1000)  # several trades of a symbol per tick: each read mixes both kinds
+    n = len(out.events)
+    await asyncio.sleep(2.0)
+    sim.set_rate(40)
+    await asyncio.sleep(0.2)
+    assert declined > 500 and len(out.events) - n > 2 * declined - 10
+    out.assert_contiguous()
+    assert not [e for e in out.events[n:] if isinstance(e, Trade) and e.backfilled], "taken out of order"
+    assert sample(adapter, "feedrunner_trades_lost_total") == 0
+
+
+async def test_a_message_handler_that_raises_is_logged_and_the_connection_keeps_being_read(run_adapter, sim, lines):
+    """ccxt's receive loop stops reading a connection for good when a handler raises. Ours logs it, fails
+    the connection's waiting calls (the loop watches again) and reads on: the trade whose frame failed is
+    backfilled, nothing is lost."""
+    adapter, out = await run_adapter("websocket", channels=["trades"])
+    await wait_until(lambda: all(out.of(Trade, s) for s in SYMBOLS), 10, "trades")
+    arrivals = adapter._arrivals
+    direct = arrivals._parse
+    raised = 0
+
+    def raises_once(frame: dict[str, Any], market: dict[str, Any]) -> Any:
+        nonlocal raised
+        if not raised:
+            raised += 1
+            raise RuntimeError("handler failed")
+        return direct(frame, market)
+
+    arrivals._parse = raises_once
+    await wait_until(lambda: raised, 5, "the failing frame")
+    before = {s: len(out.of(Trade, s)) for s in SYMBOLS}
+    await wait_until(lambda: all(len(out.of(Trade, s)) > before[s] + 20 for s in SYMBOLS), 10, "trades after")
+    assert any("could not be handled" in r["message"] for r in lines)
+    out.assert_contiguous()
+    assert sample(adapter, "feedrunner_trades_lost_total") == 0

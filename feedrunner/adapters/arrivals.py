@@ -1,28 +1,70 @@
-"""Wake a trade loop when ccxt has parsed a trade of one of its symbols, instead of calling
-watch_trades_for_symbols again for every batch.
+"""Wake a trade loop when a trade of one of its symbols arrives, instead of calling
+watch_trades_for_symbols again for every batch, and take a subscribed set's trade frames straight from
+the socket's reader.
 
-Each such call rebuilds the set's 100 market lookups, message hashes and futures (about 0.3 ms), and
+Each watch call rebuilds the set's 100 market lookups, message hashes and futures (about 0.3 ms), and
 each message woke one call through a chain of futures: at 1,000 symbols and 5,000 trades/s the calls
 alone kept the event loop busy enough that frames waited ~20 ms to be read and trades ~20 ms more in
 ccxt's cache. Once a set's watch call has returned (it is subscribed, on a connection ccxt keeps), its
-loop waits on one future that the trade parse (binance_frames) completes, and sweeps the symbols that
-got trades. ccxt still owns the connection and the subscription; a ccxt future left pending on that
-connection (never resolved) is what ccxt rejects when the connection fails or is dropped, which fails the
-wait the way a watch call would have failed, and the loop goes back to calling watch (reconnecting and
+loop waits on one future that a trade's arrival completes, and takes the trades that arrived.
+
+Arrived how: a public spot `@trade` frame on the set's own connection, for one of its markets, is parsed
+(binance_frames.parse) and queued on the set as it is read, before ccxt's message dispatch (a dict of
+~40 bound methods built per message), its market lookups, trade cache and futures: those cost ~3x the
+parse, and in a burst every frame waits for the ones before it. Every other message, and any trade frame
+of another shape, goes to ccxt as before; such a trade's parse marks its symbol, and the loop sweeps it
+from ccxt's cache together with the queued ones, in id order. ccxt still owns the connection and the
+subscription; a ccxt future left pending on that connection (never resolved) is what ccxt rejects when
+the connection fails or is dropped, which fails the wait the way a watch call would have failed (after
+the trades already queued are taken), and the loop goes back to calling watch (reconnecting and
 resubscribing as before).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
+
+Parse = Callable[[dict[str, Any], dict[str, Any]], "dict[str, Any] | None"]
 
 
 class Arrivals:
-    """symbol -> the armed set that streams it; `arrived` is called for every parsed trade."""
+    """symbol -> the armed set that streams it; `arrived` is called for every trade ccxt parses, `take`
+    for every trade frame before ccxt sees it."""
 
-    def __init__(self) -> None:
+    def __init__(self, parse: Parse | None = None) -> None:
         self._set_of: dict[str, ArmedSet] = {}
+        self._by_id: dict[str, ArmedSet] = {}  # market id -> the armed set whose connection carries it
+        self._parse = parse
+
+    def install(self, exchange: Any) -> None:
+        """Offer every message to `take` before ccxt's dispatch (ccxt hands the bound method to each
+        connection it opens, so this precedes them all)."""
+        ccxt_handle = exchange.handle_message
+        take = self.take
+
+        def handle_message(client: Any, message: Any) -> Any:
+            if type(message) is dict and message.get("e") == "trade" and take(client, message):
+                return None
+            return ccxt_handle(client, message)
+
+        exchange.handle_message = handle_message
+
+    def take(self, client: Any, frame: dict[str, Any]) -> bool:
+        """Queue a public trade frame on the armed set that subscribed it on this connection; False
+        (ccxt's to handle) for any other."""
+        armed = self._by_id.get(frame.get("s"))  # type: ignore[arg-type]
+        if armed is None or armed._client is not client or armed._sentinel is None or self._parse is None:
+            return False
+        trade = self._parse(frame, armed.markets[frame["s"]])
+        if trade is None:
+            return False
+        armed.trades.append(trade)
+        wake = armed.wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+        return True
 
     def arrived(self, symbol: str) -> None:
         armed = self._set_of.get(symbol)
@@ -42,6 +84,16 @@ class Arrivals:
         for s in armed.symbols:
             if self._set_of.get(s) is armed:
                 del self._set_of[s]
+        self._unmap(armed)
+
+    def _map(self, armed: ArmedSet) -> None:
+        for market_id in armed.markets:
+            self._by_id[market_id] = armed
+
+    def _unmap(self, armed: ArmedSet) -> None:
+        for market_id in armed.markets:
+            if self._by_id.get(market_id) is armed:
+                del self._by_id[market_id]
 
 
 class ArmedSet:
@@ -49,7 +101,9 @@ class ArmedSet:
         self.arrivals = arrivals
         self.symbols = symbols
         self.hash = f"feedrunner::{name}"  # no message of the venue carries it: only a rejection ends it
-        self.dirty: set[str] = set()
+        self.dirty: set[str] = set()  # symbols with trades in ccxt's cache
+        self.trades: list[dict[str, Any]] = []  # parsed from frames taken before ccxt saw them
+        self.markets: dict[str, dict[str, Any]] = {}  # market id -> market, while armed
         self.wake: asyncio.Future[None] | None = None
         self._client: Any = None
         self._sentinel: Any = None
@@ -81,12 +135,16 @@ class ArmedSet:
         self._client, self._error = client, None
         self._sentinel = client.future(self.hash)
         self._sentinel.add_done_callback(self._ended)
+        self.arrivals._unmap(self)
+        self.markets = _spot_markets(exchange, self.symbols)
+        self.arrivals._map(self)
         return True
 
     def _ended(self, future: asyncio.Future[Any]) -> None:
         if self._sentinel is not future:
             return
         self._sentinel = None
+        self.arrivals._unmap(self)
         if future.cancelled():
             error: BaseException = ConnectionError("the websocket was closed")
         else:
@@ -95,27 +153,47 @@ class ArmedSet:
         if self.wake is not None and not self.wake.done():
             self.wake.set_exception(error)
 
-    async def next(self) -> list[str]:
-        """The symbols that got trades since the last call (waiting for one); raises what ended the
-        connection, after which the set is disarmed."""
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-        if not self.dirty:
+    async def next(self) -> tuple[list[dict[str, Any]], list[str]]:
+        """(the trades taken from frames, the symbols with trades in ccxt's cache) since the last call,
+        waiting for either; once both are empty, raises what ended the connection (the set is disarmed)."""
+        if not self.dirty and not self.trades:
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
             self.wake = asyncio.get_running_loop().create_future()
             try:
                 await self.wake
+            except asyncio.CancelledError:
+                raise
+            except BaseException:
+                if not self.dirty and not self.trades:
+                    raise
+                # the connection ended after more trades came: they are taken first, the error next call
             finally:
                 self.wake = None
-        out = list(self.dirty)
+        trades, self.trades = self.trades, []
+        dirty = list(self.dirty)
         self.dirty.clear()
-        return out
+        return trades, dirty
 
     def close(self) -> None:
         """The loop ends: nothing of ours stays in ccxt's futures (it would keep an idle connection open)."""
         self.arrivals.forget(self)
+        self.markets = {}
         sentinel, self._sentinel = self._sentinel, None
         client = self._client
         if sentinel is not None and client is not None and client.futures.get(self.hash) is sentinel:
             del client.futures[self.hash]
             sentinel.cancel()
+
+
+def _spot_markets(exchange: Any, symbols: list[str]) -> dict[str, dict[str, Any]]:
+    """market id -> market for the set's spot symbols: what ccxt's handle_trade resolves a frame's `s` to
+    on a spot connection (an id like BTCUSDT also names a swap market)."""
+    out: dict[str, dict[str, Any]] = {}
+    markets = getattr(exchange, "markets", None) or {}
+    for symbol in symbols:
+        market = markets.get(symbol)
+        if isinstance(market, dict) and market.get("type") == "spot" and isinstance(market.get("id"), str):
+            out[market["id"]] = market
+    return out

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from loguru import logger
 
-from feedrunner.adapters import binance_frames
+from feedrunner.adapters import binance_frames, wsreads
 from feedrunner.adapters.arrivals import ArmedSet, Arrivals
 from feedrunner.adapters.base import Adapter, Emit, TradeContinuity, now_ns
 from feedrunner.adapters.base import short as _short
@@ -156,8 +156,11 @@ class CcxtAdapter(Adapter):
             if field in v.credentials:
                 config[key] = v.credentials[field].reveal()
         client = cls(config)
+        wsreads.install(client)
         if isinstance(client, ccxt.pro.binance):
-            self._arrivals = Arrivals() if binance_frames.install(client, self._arrived) else None
+            if binance_frames.install(client, self._arrived):
+                self._arrivals = Arrivals(binance_frames.parse)
+                self._arrivals.install(client)
         if v.endpoints:
             client.urls["api"] = rebase(client.urls["api"], v.endpoints.get("rest"), v.endpoints.get("ws"))
             if v.exchange.startswith("binance"):
@@ -416,8 +419,9 @@ class CcxtAdapter(Adapter):
                 return
             began = time.monotonic()
             try:
-                if armed is not None and armed.armed:  # subscribed: take what the parse says arrived
-                    await self._on_trades(self._swept_trades(await armed.next()), "websocket")
+                if armed is not None and armed.armed:  # subscribed: take what arrived
+                    taken, dirty = await armed.next()
+                    await self._on_trades(_in_order(taken, self._swept_trades(dirty)) if dirty else taken, "websocket")
                 elif channel == "trades":
                     trades = await ex.watch_trades_for_symbols(symbols)
                     returned = {id(t) for t in trades}  # the sweep re-reads these from the same cache
@@ -797,6 +801,18 @@ class CcxtAdapter(Adapter):
         )
 
     # -- errors ------------------------------------------------------------------------------------
+
+
+def _in_order(taken: list[dict[str, Any]], swept: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Trades taken from frames and swept from ccxt's cache (a frame of another shape, or another
+    connection still carrying the symbol) in one batch, each symbol's in id order: the continuity check
+    would take an older trade after a newer one for a repeat."""
+    if not swept:
+        return taken
+    try:
+        return sorted([*swept, *taken], key=lambda t: int(t["id"]))
+    except (TypeError, ValueError):
+        return [*swept, *taken]
 
 
 async def _close_clients(clients: list[Any], timeout: float | None) -> bool:

@@ -1,0 +1,72 @@
+"""One reading task per ccxt.pro websocket connection, instead of ccxt's task per message.
+
+ccxt's receive loop makes a task for every message read and reaches the next read through a done
+callback and call_soon: three loop iterations per message, and in a burst only the first message is
+handled at once, the rest after the trade loop has woken for it (a batch per frame). A task that awaits
+`receive()` in a loop handles every frame already read in one pass, as soon as it is read. Only data
+frames (text, binary, ping, pong) stay in it: on a close, error or anything else, the message goes to
+ccxt's handler and the connection back to ccxt's own loop, which closes it as it always has; a read that
+raises is rejected as ccxt's loop rejects it. A handler that raises (ccxt's loop would stop reading the
+connection for good, silently) is logged and fails the connection's waiting calls, and reading goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import WSMsgType
+from loguru import logger
+
+from feedrunner.lazyccxt import ccxt
+
+DATA = frozenset({WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.PING, WSMsgType.PONG})
+
+
+def install(exchange: Any) -> bool:
+    """Every connection the exchange opens from now on reads in one task; False (ccxt's loop stays) where
+    ccxt's client is not as expected."""
+    ccxt_client = getattr(exchange, "client", None)
+    if not callable(ccxt_client):
+        return False
+
+    def client(url: str) -> Any:
+        c = ccxt_client(url)
+        own = getattr(type(c), "receive_loop", None)
+        if callable(own) and "receive_loop" not in vars(c) and hasattr(c, "handle_message"):
+            c.receive_loop = lambda: _start(c, own)
+        return c
+
+    exchange.client = client
+    return True
+
+
+def _start(client: Any, ccxt_loop: Any) -> None:
+    if client.closed():
+        ccxt_loop(client)  # ccxt's answer to a connection that ended before its first read
+        return
+    client.feedrunner_reads = client.asyncio_loop.create_task(_reads(client, ccxt_loop))  # held: not collected
+
+
+async def _reads(client: Any, ccxt_loop: Any) -> None:
+    connection = client.connection
+    handle = client.handle_message
+    while True:
+        try:
+            message = await connection.receive()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            client.reject(ccxt.NetworkError(str(exc)))
+            return
+        try:
+            handle(message)
+        except Exception as exc:
+            logger.warning("websocket {}: a message could not be handled: {!r}", client.url, exc)
+            client.reject(ccxt.NetworkError(f"a message could not be handled: {exc!r}"))
+        if message.type not in DATA:
+            # ccxt's loop from here on: it answers a close, or a connection that closed, as it always has
+            client.asyncio_loop.call_soon(ccxt_loop, client)
+            return
+        if client.connection is not connection:
+            return  # ccxt replaced the connection while a handler ran; the new one reads in its own task
