@@ -31,29 +31,18 @@ Parse = Callable[[dict[str, Any], dict[str, Any]], "dict[str, Any] | None"]
 
 class Arrivals:
     """symbol -> the armed set that streams it; `arrived` is called for every trade ccxt parses, `take`
-    for every trade frame before ccxt sees it."""
+    for every message before ccxt sees it."""
 
     def __init__(self, parse: Parse | None = None) -> None:
         self._set_of: dict[str, ArmedSet] = {}
         self._by_id: dict[str, ArmedSet] = {}  # market id -> the armed set whose connection carries it
         self._parse = parse
 
-    def install(self, exchange: Any) -> None:
-        """Offer every message to `take` before ccxt's dispatch (ccxt hands the bound method to each
-        connection it opens, so this precedes them all)."""
-        ccxt_handle = exchange.handle_message
-        take = self.take
-
-        def handle_message(client: Any, message: Any) -> Any:
-            if type(message) is dict and message.get("e") == "trade" and take(client, message):
-                return None
-            return ccxt_handle(client, message)
-
-        exchange.handle_message = handle_message
-
     def take(self, client: Any, frame: dict[str, Any]) -> bool:
         """Queue a public trade frame on the armed set that subscribed it on this connection; False
-        (ccxt's to handle) for any other."""
+        (ccxt's to handle) for any other message (feedrunner.adapters.wsreads offers each)."""
+        if frame.get("e") != "trade":
+            return False
         armed = self._by_id.get(frame.get("s"))  # type: ignore[arg-type]
         if armed is None or armed._client is not client or armed._sentinel is None or self._parse is None:
             return False

@@ -156,11 +156,9 @@ class CcxtAdapter(Adapter):
             if field in v.credentials:
                 config[key] = v.credentials[field].reveal()
         client = cls(config)
-        wsreads.install(client)
-        if isinstance(client, ccxt.pro.binance):
-            if binance_frames.install(client, self._arrived):
-                self._arrivals = Arrivals(binance_frames.parse)
-                self._arrivals.install(client)
+        if isinstance(client, ccxt.pro.binance) and binance_frames.install(client, self._arrived):
+            self._arrivals = Arrivals(binance_frames.parse)
+        wsreads.install(client, self._arrivals.take if self._arrivals else None)
         if v.endpoints:
             client.urls["api"] = rebase(client.urls["api"], v.endpoints.get("rest"), v.endpoints.get("ws"))
             if v.exchange.startswith("binance"):

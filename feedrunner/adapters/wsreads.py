@@ -6,24 +6,32 @@ handled at once, the rest after the trade loop has woken for it (a batch per fra
 `receive()` in a loop handles every frame already read in one pass, as soon as it is read. Only data
 frames (text, binary, ping, pong) stay in it: on a close, error or anything else, the message goes to
 ccxt's handler and the connection back to ccxt's own loop, which closes it as it always has; a read that
-raises is rejected as ccxt's loop rejects it. A handler that raises (ccxt's loop would stop reading the
+raises is rejected as ccxt's loop rejects it.
+
+`take`, where given, sees each text frame that decodes to a JSON object before ccxt does, and keeps
+the ones it handles from ccxt's dispatch (feedrunner.adapters.arrivals); any it declines goes to ccxt
+whole, as read. A handler that raises (ccxt's loop would stop reading the
 connection for good, silently) is logged and fails the connection's waiting calls, and reading goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from typing import Any
 
+import orjson
 from aiohttp import WSMsgType
 from loguru import logger
 
 from feedrunner.lazyccxt import ccxt
 
 DATA = frozenset({WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.PING, WSMsgType.PONG})
+Take = Callable[[Any, dict[str, Any]], bool]
 
 
-def install(exchange: Any) -> bool:
+def install(exchange: Any, take: Take | None = None) -> bool:
     """Every connection the exchange opens from now on reads in one task; False (ccxt's loop stays) where
     ccxt's client is not as expected."""
     ccxt_client = getattr(exchange, "client", None)
@@ -34,23 +42,25 @@ def install(exchange: Any) -> bool:
         c = ccxt_client(url)
         own = getattr(type(c), "receive_loop", None)
         if callable(own) and "receive_loop" not in vars(c) and hasattr(c, "handle_message"):
-            c.receive_loop = lambda: _start(c, own)
+            c.receive_loop = lambda: _start(c, own, take)
         return c
 
     exchange.client = client
     return True
 
 
-def _start(client: Any, ccxt_loop: Any) -> None:
+def _start(client: Any, ccxt_loop: Any, take: Take | None) -> None:
     if client.closed():
         ccxt_loop(client)  # ccxt's answer to a connection that ended before its first read
         return
-    client.feedrunner_reads = client.asyncio_loop.create_task(_reads(client, ccxt_loop))  # held: not collected
+    reads = _reads(client, ccxt_loop, take)
+    client.feedrunner_reads = client.asyncio_loop.create_task(reads)  # held, so never collected while it reads
 
 
-async def _reads(client: Any, ccxt_loop: Any) -> None:
+async def _reads(client: Any, ccxt_loop: Any, take: Take | None) -> None:
     connection = client.connection
     handle = client.handle_message
+    text, loads = WSMsgType.TEXT, orjson.loads
     while True:
         try:
             message = await connection.receive()
@@ -60,6 +70,14 @@ async def _reads(client: Any, ccxt_loop: Any) -> None:
             client.reject(ccxt.NetworkError(str(exc)))
             return
         try:
+            if take is not None and message.type is text and message.data[:1] == "{":
+                try:
+                    frame = loads(message.data)
+                except orjson.JSONDecodeError:
+                    frame = None  # ccxt's to fail on, as it would have
+                if type(frame) is dict and take(client, frame):
+                    client.last_message_at = time.time_ns() // 1_000_000  # as ccxt's handler notes it
+                    continue
             handle(message)
         except Exception as exc:
             logger.warning("websocket {}: a message could not be handled: {!r}", client.url, exc)
