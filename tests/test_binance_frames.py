@@ -55,6 +55,7 @@ def test_fast_parse_normalises_to_the_same_trade_as_ccxt(exchange, frame):
     assert ours is not None
     theirs = ccxt.pro.binance.parse_ws_trade(exchange, dict(frame), market)
     assert to_trade("binance", ours, 1, "websocket") == to_trade("binance", theirs, 1, "websocket")
+    assert binance_frames.event("binance", frame, market, 1) == to_trade("binance", theirs, 1, "websocket")
     assert {k: ours[k] for k in ("timestamp", "symbol", "id", "side", "price", "amount")} == {
         k: theirs[k] for k in ("timestamp", "symbol", "id", "side", "price", "amount")
     }
@@ -73,9 +74,11 @@ def test_fast_parse_normalises_to_the_same_trade_as_ccxt(exchange, frame):
 )
 def test_any_other_shape_goes_to_ccxts_parse(exchange, change):
     frame = {"e": "trade", "E": 1, "s": "BTCUSDT", "t": 7, "p": "1.5", "q": "2", "T": 2, "m": True, "M": True}
-    assert binance_frames.parse({**frame, **change}, exchange.market("BTC/USDT")) is None
-    assert binance_frames.parse(frame, None) is None  # no market resolved
-    assert binance_frames.parse(frame, {**exchange.market("BTC/USDT"), "type": "swap"}) is None
+    market = exchange.market("BTC/USDT")
+    for parse in (binance_frames.parse, lambda f, m: binance_frames.event("binance", f, m, 1)):
+        assert parse({**frame, **change}, market) is None
+        assert parse(frame, None) is None  # no market resolved
+        assert parse(frame, {**market, "type": "swap"}) is None
 
 
 def test_installed_on_the_instance_and_falls_back(exchange):

@@ -26,7 +26,9 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-Parse = Callable[[dict[str, Any], dict[str, Any]], "dict[str, Any] | None"]
+from feedrunner.events import Trade
+
+Parse = Callable[[dict[str, Any], dict[str, Any]], "Trade | None"]  # (frame, market) -> the trade, or None
 
 
 class Arrivals:
@@ -91,7 +93,7 @@ class ArmedSet:
         self.symbols = symbols
         self.hash = f"feedrunner::{name}"  # no message of the venue carries it: only a rejection ends it
         self.dirty: set[str] = set()  # symbols with trades in ccxt's cache
-        self.trades: list[dict[str, Any]] = []  # parsed from frames taken before ccxt saw them
+        self.trades: list[Trade] = []  # from frames taken before ccxt saw them
         self.markets: dict[str, dict[str, Any]] = {}  # market id -> market, while armed
         self.wake: asyncio.Future[None] | None = None
         self._client: Any = None
@@ -142,7 +144,7 @@ class ArmedSet:
         if self.wake is not None and not self.wake.done():
             self.wake.set_exception(error)
 
-    async def next(self) -> tuple[list[dict[str, Any]], list[str]]:
+    async def next(self) -> tuple[list[Trade], list[str]]:
         """(the trades taken from frames, the symbols with trades in ccxt's cache) since the last call,
         waiting for either; once both are empty, raises what ended the connection (the set is disarmed)."""
         if not self.dirty and not self.trades:

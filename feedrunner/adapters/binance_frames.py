@@ -14,6 +14,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from feedrunner.events import Trade
+
 REQUIRED = frozenset("estpqTm")
 ALLOWED = REQUIRED | frozenset("EMba")  # event time, "ignore", buyer/seller order ids (older streams)
 
@@ -37,9 +39,8 @@ def install(exchange: Any, arrived: Callable[[str], None] | None = None) -> bool
     return True
 
 
-def parse(trade: dict[str, Any], market: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The trade as ccxt gives it, minus what nothing reads here (datetime, cost, fee); None if the frame
-    is not exactly a public spot trade."""
+def fields(trade: dict[str, Any], market: dict[str, Any] | None) -> tuple[int, int, float, float, bool] | None:
+    """(id, time ms, price, amount, buyer is maker) of a public spot trade frame; None for any other."""
     keys = trade.keys()
     if (
         market is None
@@ -60,11 +61,21 @@ def parse(trade: dict[str, Any], market: dict[str, Any] | None) -> dict[str, Any
         return None
     if not (math.isfinite(p) and math.isfinite(q)):
         return None
+    return tid, ts, p, q, maker
+
+
+def parse(trade: dict[str, Any], market: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The trade as ccxt gives it, minus what nothing reads here (datetime, cost, fee); None if the frame
+    is not exactly a public spot trade."""
+    f = fields(trade, market)
+    if f is None:
+        return None
+    tid, ts, p, q, maker = f
     return {
         "info": trade,
         "timestamp": ts,
         "datetime": None,
-        "symbol": market["symbol"],
+        "symbol": market["symbol"],  # type: ignore[index]
         "id": str(tid),
         "order": None,
         "type": None,
@@ -76,3 +87,14 @@ def parse(trade: dict[str, Any], market: dict[str, Any] | None) -> dict[str, Any
         "fee": None,
         "fees": [],
     }
+
+
+def event(venue: str, trade: dict[str, Any], market: dict[str, Any] | None, received: int) -> Trade | None:
+    """The normalised Trade of a public spot trade frame, straight from the frame: what the ccxt adapter's
+    to_trade makes of `parse`'s dict, without the dict."""
+    f = fields(trade, market)
+    if f is None:
+        return None
+    tid, ts, p, q, maker = f
+    side = "sell" if maker else "buy"
+    return Trade(venue, market["symbol"], ts * 1_000_000, received, "websocket", str(tid), p, q, side)  # type: ignore[index]

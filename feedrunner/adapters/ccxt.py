@@ -157,7 +157,8 @@ class CcxtAdapter(Adapter):
                 config[key] = v.credentials[field].reveal()
         client = cls(config)
         if isinstance(client, ccxt.pro.binance) and binance_frames.install(client, self._arrived):
-            self._arrivals = Arrivals(binance_frames.parse)
+            name = self.name
+            self._arrivals = Arrivals(lambda frame, market: binance_frames.event(name, frame, market, now_ns()))
         wsreads.install(client, self._arrivals.take if self._arrivals else None)
         if v.endpoints:
             client.urls["api"] = rebase(client.urls["api"], v.endpoints.get("rest"), v.endpoints.get("ws"))
@@ -419,7 +420,11 @@ class CcxtAdapter(Adapter):
             try:
                 if armed is not None and armed.armed:  # subscribed: take what arrived
                     taken, dirty = await armed.next()
-                    await self._on_trades(_in_order(taken, self._swept_trades(dirty)) if dirty else taken, "websocket")
+                    if dirty:
+                        received = now_ns()
+                        swept = [to_trade(self.name, t, received, "websocket") for t in self._swept_trades(dirty)]
+                        taken = _in_order(taken, swept)
+                    await self._on_events(taken, "websocket")
                 elif channel == "trades":
                     trades = await ex.watch_trades_for_symbols(symbols)
                     returned = {id(t) for t in trades}  # the sweep re-reads these from the same cache
@@ -693,21 +698,24 @@ class CcxtAdapter(Adapter):
     # -- normalisation and continuity --------------------------------------------------------------
 
     async def _on_trades(self, trades: list[dict[str, Any]], transport: str) -> None:
-        """Normalise a batch, drop repeats, backfill before the first trade after a gap; emit in order.
+        """Normalise a batch of ccxt trades, then as `_on_events`."""
+        received, name = now_ns(), self.name
+        await self._on_events([to_trade(name, t, received, transport) for t in trades], transport)
+
+    async def _on_events(self, trades: list[Trade], transport: str) -> None:
+        """Drop repeats, backfill before the first trade after a gap; emit in order.
 
         Symbols with a gap (every symbol, after a reconnect) are backfilled concurrently, each emitting
         its recovered trades and then its own that followed; the others are emitted at once.
         """
-        received = now_ns()
-        name, check, last_ids = self.name, self.continuity.check, self.continuity.last
+        check, last_ids = self.continuity.check, self.continuity.last
         out: list[Event] = []
         gapped: dict[str, list[tuple[Trade, int, int | None]]] = {}  # symbol -> (trade, missing, last before)
         if transport == "websocket":
-            for symbol in {t["symbol"] for t in trades}:
+            for symbol in {t.symbol for t in trades}:
                 self.seen(symbol, "trades")
-        for t in trades:
-            symbol = t["symbol"]
-            event = to_trade(name, t, received, transport)
+        for event in trades:
+            symbol = event.symbol
             last = last_ids.get(symbol)
             fresh, missing = check(event)
             if not fresh:
@@ -801,14 +809,14 @@ class CcxtAdapter(Adapter):
     # -- errors ------------------------------------------------------------------------------------
 
 
-def _in_order(taken: list[dict[str, Any]], swept: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _in_order(taken: list[Trade], swept: list[Trade]) -> list[Trade]:
     """Trades taken from frames and swept from ccxt's cache (a frame of another shape, or another
     connection still carrying the symbol) in one batch, each symbol's in id order: the continuity check
     would take an older trade after a newer one for a repeat."""
     if not swept:
         return taken
     try:
-        return sorted([*swept, *taken], key=lambda t: int(t["id"]))
+        return sorted([*swept, *taken], key=lambda t: int(t.id))  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return [*swept, *taken]
 
