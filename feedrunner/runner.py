@@ -465,19 +465,19 @@ class Runner:
             ticks += 1
             if ticks % 5 == 0 and self.lock is not None and not await asyncio.to_thread(self.lock.held):
                 await self._reclaim_store()
+            # Only these two counters are read: collecting the whole registry took ~0.7 ms a second, a
+            # pause every trade in flight waited out.
+            totals: dict[tuple[str, str], float] = {}
+            for metric, counter in (("errors", self.metrics.errors), ("reconnects", self.metrics.reconnects)):
+                for family in counter.collect():
+                    for sample in family.samples:
+                        if sample.name.endswith("_total"):
+                            key = (sample.labels.get("venue", ""), metric)
+                            totals[key] = totals.get(key, 0.0) + sample.value
             for name, adapter in self.adapters.items():
                 self.health.sample_up(name, not self._venue_problem(name, adapter))
-                for metric, feed in (
-                    ("feedrunner_errors_total", self.health.error),
-                    ("feedrunner_reconnects_total", self.health.reconnect),
-                ):
-                    total = sum(
-                        s.value
-                        for m in self.metrics.registry.collect()
-                        if m.name + "_total" == metric or m.name == metric
-                        for s in m.samples
-                        if s.labels.get("venue") == name and s.name == metric
-                    )
+                for metric, feed in (("errors", self.health.error), ("reconnects", self.health.reconnect)):
+                    total = totals.get((name, metric), 0.0)
                     delta = int(total - self._seen_counts.get((name, metric), 0.0))
                     self._seen_counts[(name, metric)] = total
                     for _ in range(max(0, delta)):
