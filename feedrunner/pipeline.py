@@ -63,17 +63,22 @@ class Pipeline:
         """Events written (or failed) by the sinks, or dropped by the overflow policy."""
         return self.written + self.dropped
 
+    def put_now(self, events: list[Event]) -> bool:
+        """Write a batch now if nothing is queued (so nothing is being written either: `_write` never
+        awaits), in order; False, and nothing done, if batches are queued (then `put` it)."""
+        if self._batches or self._task is None:
+            return False
+        self.accepted += len(events)
+        self._write(events)
+        return True
+
     async def put(self, events: list[Event]) -> None:
-        """Queue a batch (the pipeline owns the list from here on)."""
-        if not events:
+        """Queue a batch (the pipeline owns the list from here on). With nothing queued it is written at
+        once, instead of two loop iterations later in the consumer; under load batches queue up and the
+        consumer takes them together."""
+        if not events or self.put_now(events):
             return
         self.accepted += len(events)
-        if not self._batches and self._task is not None:
-            # Nothing queued, so nothing is being written either (`_write` never awaits): write now, in
-            # order, instead of two loop iterations later in the consumer. Under load batches queue up
-            # and the consumer takes them together as before.
-            self._write(events)
-            return
         if self.block:
             while self.depth and self.depth + len(events) > self.capacity:
                 self._space.clear()

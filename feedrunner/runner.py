@@ -220,6 +220,7 @@ class Runner:
             return
         assert cls is not None
         adapter = cls(venue, self.pipeline.put, self.metrics)
+        adapter.emit_now = self.pipeline.put_now
         self.adapters[venue.name] = adapter
         if seed is None:
             seed = {s: n for (v, s), n in self._stored.items() if v == venue.name and s in venue.symbols}

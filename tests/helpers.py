@@ -60,13 +60,23 @@ class Clock:
 
 
 class Collector:
-    """An adapter's `emit`: keeps every event in memory."""
+    """An adapter's `emit` (and `now` its `emit_now`, refusing while `busy`): keeps every event in memory."""
 
     def __init__(self) -> None:
         self.events: list[Event] = []
+        self.busy = False
+        self.batches = {"emit": 0, "now": 0}
 
     async def __call__(self, events: list[Event]) -> None:
+        self.batches["emit"] += 1
         self.events.extend(events)
+
+    def now(self, events: list[Event]) -> bool:
+        if self.busy:
+            return False
+        self.batches["now"] += 1
+        self.events.extend(events)
+        return True
 
     def of(self, kind: type, symbol: str | None = None, since: int = 0) -> list[Any]:
         return [e for e in self.events[since:] if isinstance(e, kind) and (symbol is None or e.symbol == symbol)]

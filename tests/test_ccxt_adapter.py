@@ -52,6 +52,7 @@ async def run_adapter(sim: BinanceSim) -> AsyncIterator[Callable[..., Any]]:
     async def start(transport: str = "websocket", **settings: Any) -> tuple[CcxtAdapter, Collector]:
         out = Collector()
         adapter = CcxtAdapter(make_venue(sim.endpoints, transport=transport, **settings), out, Metrics())
+        adapter.emit_now = out.now  # as the runner gives it the pipeline's
         started.append(adapter)
         await adapter.start()
         adapter.apply(dict.fromkeys(adapter.venue.symbols, transport))
@@ -354,6 +355,28 @@ async def test_a_subscribed_sets_trade_frames_are_taken_before_ccxts_dispatch(ru
     await asyncio.sleep(2.0)
     assert len(out.events) - n > 150 and handled <= 3
     out.assert_contiguous()
+    assert sample(adapter, "feedrunner_trades_lost_total") == 0
+
+
+async def test_taken_trades_are_delivered_from_the_reading_task_unless_the_pipeline_is_busy(run_adapter, sim):
+    """Trades that continue their symbol's ids go to the pipeline from the socket's reading task, a batch
+    per read; while the pipeline cannot take them at once they go through the set's loop instead, in
+    order, and nothing is lost either way."""
+    adapter, out = await run_adapter("websocket", channels=["trades"])
+    await wait_until(lambda: all(out.of(Trade, s) for s in SYMBOLS), 10, "trades")
+    await asyncio.sleep(0.5)
+    before = dict(out.batches)
+    await asyncio.sleep(1.5)
+    assert out.batches["now"] - before["now"] > 50 and out.batches["emit"] - before["emit"] <= 2
+    out.busy = True
+    before = dict(out.batches)
+    await asyncio.sleep(1.0)
+    assert out.batches["now"] == before["now"] and out.batches["emit"] - before["emit"] > 20
+    out.busy = False
+    n = len(out.events)
+    await wait_until(lambda: len(out.events) > n + 60, 5, "trades after")
+    out.assert_contiguous()
+    assert not [e for e in out.of(Trade) if e.backfilled]
     assert sample(adapter, "feedrunner_trades_lost_total") == 0
 
 

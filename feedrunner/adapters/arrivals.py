@@ -29,16 +29,19 @@ from typing import Any
 from feedrunner.events import Trade
 
 Parse = Callable[[dict[str, Any], dict[str, Any]], "Trade | None"]  # (frame, market) -> the trade, or None
+Deliver = Callable[[list[Trade]], bool]  # deliver now, or False (and nothing done) if it cannot be
 
 
 class Arrivals:
     """symbol -> the armed set that streams it; `arrived` is called for every trade ccxt parses, `take`
     for every message before ccxt sees it."""
 
-    def __init__(self, parse: Parse | None = None) -> None:
+    def __init__(self, parse: Parse | None = None, deliver: Deliver | None = None) -> None:
         self._set_of: dict[str, ArmedSet] = {}
         self._by_id: dict[str, ArmedSet] = {}  # market id -> the armed set whose connection carries it
         self._parse = parse
+        self._deliver = deliver
+        self._taken: list[ArmedSet] = []  # sets that took trades since the last `drained`
 
     def take(self, client: Any, frame: dict[str, Any]) -> bool:
         """Queue a public trade frame on the armed set that subscribed it on this connection; False
@@ -51,11 +54,27 @@ class Arrivals:
         trade = self._parse(frame, armed.markets[frame["s"]])
         if trade is None:
             return False
+        if not armed.trades:
+            self._taken.append(armed)
         armed.trades.append(trade)
-        wake = armed.wake
-        if wake is not None and not wake.done():
-            wake.set_result(None)
         return True
+
+    def drained(self) -> None:
+        """Every frame read so far is handled (feedrunner.adapters.wsreads): each set's taken trades are
+        delivered now, as one batch, where its loop is idle waiting for them and nothing of another path
+        (ccxt's cache) is pending; otherwise its loop is woken to take them in order."""
+        if not self._taken:
+            return
+        sets, self._taken = self._taken, []
+        for armed in sets:
+            if not armed.trades:
+                continue
+            wake = armed.wake
+            idle = wake is not None and not wake.done()
+            if idle and not armed.dirty and self._deliver is not None and self._deliver(armed.trades):
+                armed.trades = []
+            elif idle:
+                wake.set_result(None)  # type: ignore[union-attr]
 
     def arrived(self, symbol: str) -> None:
         armed = self._set_of.get(symbol)

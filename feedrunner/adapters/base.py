@@ -34,6 +34,7 @@ from feedrunner.resilience import (
 from feedrunner.spec import Venue
 
 Emit = Callable[[list[Event]], Awaitable[None]]  # takes ownership of the list
+EmitNow = Callable[[list[Event]], bool]  # the same, synchronously, or False (and nothing done) if it cannot be
 
 
 class Adapter(ABC):
@@ -43,6 +44,7 @@ class Adapter(ABC):
         self.venue = venue
         self.name = venue.name
         self.emit = emit
+        self.emit_now: EmitNow | None = None  # set by the runner (Pipeline.put_now); None: always `emit`
         self.metrics = metrics
         self.conn = StateMachine(venue.name, on_change=self._on_state)
         self.breaker = CircuitBreaker(venue.name, venue.circuit_breaker, on_change=self._on_breaker)
@@ -215,6 +217,24 @@ class Adapter(ABC):
                 latencies.append(lat if lat > 0.0 else 0.0)
         self._account(events, key, latencies)
         await self._hand(events, key[1])
+
+    def deliver_now(self, events: list[Event]) -> bool:
+        """`deliver_many` for a batch of one transport and kind, without waiting: False, and nothing done,
+        if the pipeline cannot take it at once."""
+        if self.emit_now is None or not self.emit_now(events):
+            return False
+        first = events[0]
+        latencies = []
+        for e in events:
+            if e.ts_exchange:
+                lat = (e.ts_received - e.ts_exchange) / 1e9
+                latencies.append(lat if lat > 0.0 else 0.0)
+        self._account(events, (first.transport, first.kind), latencies)
+        if first.kind == "trade" and self.continuity is not None and self.continuity.contiguous:
+            for e in events:
+                if e.id is not None:  # type: ignore[attr-defined]
+                    self._handed[e.symbol] = e.id  # type: ignore[attr-defined]
+        return True
 
     async def _hand(self, events: list[Event], kind: str) -> None:
         """Emit, then note each symbol's last trade id: once `emit` returns, the pipeline has them."""

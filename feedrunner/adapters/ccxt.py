@@ -158,8 +158,11 @@ class CcxtAdapter(Adapter):
         client = cls(config)
         if isinstance(client, ccxt.pro.binance) and binance_frames.install(client, self._arrived):
             name = self.name
-            self._arrivals = Arrivals(lambda frame, market: binance_frames.event(name, frame, market, now_ns()))
-        wsreads.install(client, self._arrivals.take if self._arrivals else None)
+            self._arrivals = Arrivals(
+                lambda frame, market: binance_frames.event(name, frame, market, now_ns()), self._deliver_taken
+            )
+        arrivals = self._arrivals
+        wsreads.install(client, arrivals.take if arrivals else None, arrivals.drained if arrivals else None)
         if v.endpoints:
             client.urls["api"] = rebase(client.urls["api"], v.endpoints.get("rest"), v.endpoints.get("ws"))
             if v.exchange.startswith("binance"):
@@ -696,6 +699,35 @@ class CcxtAdapter(Adapter):
         return await self.exchange.fetch_trades(symbol, since=since // 1_000_000 if since else None)
 
     # -- normalisation and continuity --------------------------------------------------------------
+
+    def _deliver_taken(self, trades: list[Trade]) -> bool:
+        """Streamed trades delivered at once, from the socket's reading task, when each continues its
+        symbol's ids exactly (the common case) and the pipeline takes them now; False, and nothing done,
+        otherwise (a gap to backfill, a repeat, a reconnect's first trade, a busy queue): `_on_events`
+        then has them from the set's loop."""
+        c = self.continuity
+        if not c.contiguous:
+            return False
+        last_ids, armed = c.last, c.armed
+        upto: dict[str, int] = {}
+        for t in trades:
+            symbol, tid = t.symbol, t.id
+            prev = upto.get(symbol)
+            if prev is None:
+                prev = last_ids.get(symbol)
+                if prev is None or symbol in armed:
+                    return False
+            if tid is None or not tid.isdigit() or int(tid) != prev + 1:
+                return False
+            upto[symbol] = prev + 1
+        if not self.deliver_now(trades):  # type: ignore[arg-type]
+            return False
+        for t in trades:
+            c.check(t)  # new, nothing missing: as checked above
+        for symbol in upto:
+            self.seen(symbol, "trades")
+        self._ws_ok()
+        return True
 
     async def _on_trades(self, trades: list[dict[str, Any]], transport: str) -> None:
         """Normalise a batch of ccxt trades, then as `_on_events`."""

@@ -6,12 +6,13 @@ handled at once, the rest after the trade loop has woken for it (a batch per fra
 `receive()` in a loop handles every frame already read in one pass, as soon as it is read. Only data
 frames (text, binary, ping, pong) stay in it: on a close, error or anything else, the message goes to
 ccxt's handler and the connection back to ccxt's own loop, which closes it as it always has; a read that
-raises is rejected as ccxt's loop rejects it.
+raises is rejected as ccxt's loop rejects it. A handler that raises (ccxt's loop would stop reading the
+connection for good, silently) is logged and fails the connection's waiting calls, and reading goes on.
 
 `take`, where given, sees each text frame that decodes to a JSON object before ccxt does, and keeps
 the ones it handles from ccxt's dispatch (feedrunner.adapters.arrivals); any it declines goes to ccxt
-whole, as read. A handler that raises (ccxt's loop would stop reading the
-connection for good, silently) is logged and fails the connection's waiting calls, and reading goes on.
+whole, as read. `drained` is called once every frame read so far has been handled, before the task
+waits for more: what was taken from one read can be delivered as one batch, at once.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from feedrunner.lazyccxt import ccxt
 
 DATA = frozenset({WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.PING, WSMsgType.PONG})
 Take = Callable[[Any, dict[str, Any]], bool]
+Drained = Callable[[], None]
 
 
-def install(exchange: Any, take: Take | None = None) -> bool:
+def install(exchange: Any, take: Take | None = None, drained: Drained | None = None) -> bool:
     """Every connection the exchange opens from now on reads in one task; False (ccxt's loop stays) where
     ccxt's client is not as expected."""
     ccxt_client = getattr(exchange, "client", None)
@@ -42,26 +44,34 @@ def install(exchange: Any, take: Take | None = None) -> bool:
         c = ccxt_client(url)
         own = getattr(type(c), "receive_loop", None)
         if callable(own) and "receive_loop" not in vars(c) and hasattr(c, "handle_message"):
-            c.receive_loop = lambda: _start(c, own, take)
+            c.receive_loop = lambda: _start(c, own, take, drained)
         return c
 
     exchange.client = client
     return True
 
 
-def _start(client: Any, ccxt_loop: Any, take: Take | None) -> None:
+def _start(client: Any, ccxt_loop: Any, take: Take | None, drained: Drained | None) -> None:
     if client.closed():
         ccxt_loop(client)  # ccxt's answer to a connection that ended before its first read
         return
-    reads = _reads(client, ccxt_loop, take)
+    reads = _reads(client, ccxt_loop, take, drained)
     client.feedrunner_reads = client.asyncio_loop.create_task(reads)  # held, so never collected while it reads
 
 
-async def _reads(client: Any, ccxt_loop: Any, take: Take | None) -> None:
+async def _reads(client: Any, ccxt_loop: Any, take: Take | None, drained: Drained | None) -> None:
     connection = client.connection
     handle = client.handle_message
     text, loads = WSMsgType.TEXT, orjson.loads
+    # aiohttp's queue of frames read and not yet received (ccxt's own loop looks at it too); without it,
+    # every frame counts as the last of its read
+    buffered = getattr(getattr(connection, "_reader", None), "_buffer", ())
     while True:
+        if drained is not None and not buffered:
+            try:
+                drained()
+            except Exception as exc:
+                logger.warning("websocket {}: delivering what was read failed: {!r}", client.url, exc)
         try:
             message = await connection.receive()
         except asyncio.CancelledError:
