@@ -140,9 +140,7 @@ class Pipeline:
             self._flush()
 
     def _write(self, batch: list[Event]) -> None:
-        self.metrics.queue_depth.set(self.depth)
-        if self.health is not None:
-            self.health.observe_many(batch)
+        # The sinks first: the health and metrics bookkeeping after them adds nothing to how late they are.
         for sink in self.sinks:
             events = batch if len(sink.kinds) == 3 else [e for e in batch if e.kind in sink.kinds]
             state = sink.state
@@ -163,8 +161,10 @@ class Pipeline:
         self.written += len(batch)
         for d in self.deliveries:
             d.note(self.settled)
+        self.metrics.queue_depth.set(self.depth)
         if self.health is not None:
             self.health.observe_written(batch[-1], time.time_ns())
+            self.health.observe_many(batch)
 
     async def flushed(self, mark: int) -> None:
         """Return once every event accepted up to `mark` (a past `accepted`) is written and flushed."""

@@ -39,8 +39,9 @@ def install(exchange: Any, arrived: Callable[[str], None] | None = None) -> bool
     return True
 
 
-def fields(trade: dict[str, Any], market: dict[str, Any] | None) -> tuple[int, int, float, float, bool] | None:
-    """(id, time ms, price, amount, buyer is maker) of a public spot trade frame; None for any other."""
+def event(venue: str, trade: dict[str, Any], market: dict[str, Any] | None, received: int) -> Trade | None:
+    """The normalised Trade of a public spot trade frame, straight from the frame (what the ccxt adapter's
+    to_trade makes of ccxt's parse); None for a frame of any other shape."""
     keys = trade.keys()
     if (
         market is None
@@ -61,40 +62,29 @@ def fields(trade: dict[str, Any], market: dict[str, Any] | None) -> tuple[int, i
         return None
     if not (math.isfinite(p) and math.isfinite(q)):
         return None
-    return tid, ts, p, q, maker
+    side = "sell" if maker else "buy"  # the buyer made the market: the taker sold
+    return Trade(venue, market["symbol"], ts * 1_000_000, received, "websocket", str(tid), p, q, side)
 
 
 def parse(trade: dict[str, Any], market: dict[str, Any] | None) -> dict[str, Any] | None:
     """The trade as ccxt gives it, minus what nothing reads here (datetime, cost, fee); None if the frame
     is not exactly a public spot trade."""
-    f = fields(trade, market)
-    if f is None:
+    e = event("", trade, market, 0)
+    if e is None:
         return None
-    tid, ts, p, q, maker = f
     return {
         "info": trade,
-        "timestamp": ts,
+        "timestamp": trade["T"],
         "datetime": None,
-        "symbol": market["symbol"],  # type: ignore[index]
-        "id": str(tid),
+        "symbol": e.symbol,
+        "id": e.id,
         "order": None,
         "type": None,
-        "side": "sell" if maker else "buy",  # the buyer made the market: the taker sold
+        "side": e.side,
         "takerOrMaker": None,
-        "price": p,
-        "amount": q,
+        "price": e.price,
+        "amount": e.amount,
         "cost": None,
         "fee": None,
         "fees": [],
     }
-
-
-def event(venue: str, trade: dict[str, Any], market: dict[str, Any] | None, received: int) -> Trade | None:
-    """The normalised Trade of a public spot trade frame, straight from the frame: what the ccxt adapter's
-    to_trade makes of `parse`'s dict, without the dict."""
-    f = fields(trade, market)
-    if f is None:
-        return None
-    tid, ts, p, q, maker = f
-    side = "sell" if maker else "buy"
-    return Trade(venue, market["symbol"], ts * 1_000_000, received, "websocket", str(tid), p, q, side)  # type: ignore[index]
