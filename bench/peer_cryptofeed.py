@@ -19,7 +19,10 @@ Figures, medians of BENCH_RUNS (default 3), ratio feedrunner / cryptofeed:
    time until every symbol has written a trade the simulator made after the drop (streamed or backfilled),
    and trades lost (ids missing from each symbol's written span);
 4. the flood ceiling: 20k, 40k and 80k/s offered over 4 symbols (tick 5 ms), trades/s delivered over
-   BENCH_FLOOD_SECONDS (8) after a 2 s warmup, with the rate the simulator actually sent (see flood_at).
+   BENCH_FLOOD_SECONDS (8) after a 2 s warmup, with the rate the simulator actually sent (see flood_at),
+   and the CPU each system's process used per trade delivered (psutil, user + system, over the same
+   window): where the simulator cannot outrun either system (on 2 cores it takes a core of its own
+   near 50k/s), that is what says whose ceiling is higher, 1 s of CPU / (s per trade) on one core.
 BENCH_PEER_ONLY=latency,rss,drop,flood runs a subset (for trying things out); BENCH_FEEDRUNNER_LOOP
 (auto, uvloop, asyncio) sets feedrunner's event_loop (default auto, as `feedrunner run`).
 """
@@ -481,7 +484,17 @@ async def flood_at(total: int) -> dict[str, Any]:
     sim = Sim(symbols, per_symbol, COARSE_TICK)
     runs: dict[str, dict[str, list[float]]] = {k: defaultdict(list) for k in SYSTEMS}
 
+    cpu: dict[str, float] = {}
+
+    def cpu_now(proc: asyncio.subprocess.Process) -> float:
+        t = psutil.Process(proc.pid).cpu_times()
+        return t.user + t.system
+
+    async def recording(proc: asyncio.subprocess.Process, line: str) -> None:
+        cpu["start"] = cpu_now(proc)
+
     async def pause_tape(proc: asyncio.subprocess.Process, line: str) -> None:
+        cpu["used"] = cpu_now(proc) - cpu.pop("start", float("nan"))
         await _sim_rate(sim, 0)
 
     try:
@@ -490,13 +503,14 @@ async def flood_at(total: int) -> dict[str, Any]:
                 before = await _sim_get(sim, "/_sim/stats")
                 cfg = _endpoints_cfg(sim, symbols, warmup=FLOOD_WARMUP, seconds=FLOOD_SECONDS, record=False)
                 try:
-                    out = await run_driver(kind, cfg, {"recorded": pause_tape})
+                    out = await run_driver(kind, cfg, {"recording": recording, "recorded": pause_tape})
                     sent = await sim.sent(out["record_start_ns"])
                 finally:
                     await _sim_rate(sim, per_symbol)
                 after = await _sim_get(sim, "/_sim/stats")
                 r = runs[kind]
                 r["delivered"].append(_rate(out))
+                r["cpu_us"].append(cpu.pop("used", float("nan")) / max(1, out["trades"]) * 1e6)
                 r["sim_sent"].append(sent_rate(sent, out["record_start_ns"], out["record_end_ns"]))
                 r["reconnects"].append(after["connections_total"] - before["connections_total"] - 1)
                 r["slow_drops"].append(after["slow_consumer_disconnects"] - before["slow_consumer_disconnects"])
@@ -510,10 +524,13 @@ async def flood_at(total: int) -> dict[str, Any]:
             "delivered_per_s_runs": [round(v) for v in r["delivered"]],
             "sim_sent_per_s": round(statistics.median(r["sim_sent"])),
             "sim_sent_per_s_runs": [round(v) for v in r["sim_sent"]],
+            "cpu_us_per_trade": _med(r["cpu_us"]),
+            "cpu_us_per_trade_runs": [round(v, 2) for v in r["cpu_us"]],
             "reconnects": int(sum(r["reconnects"])),
             "sim_slow_consumer_disconnects": int(sum(r["slow_drops"])),
         }
     fig["ratio"] = _ratio(fig["feedrunner"]["delivered_per_s"], fig["cryptofeed"]["delivered_per_s"])
+    fig["ratio_cpu_per_trade"] = _ratio(fig["feedrunner"]["cpu_us_per_trade"], fig["cryptofeed"]["cpu_us_per_trade"])
     return fig
 
 
@@ -563,6 +580,8 @@ def table(fig: dict[str, Any]) -> str:
             )
         )
         lines.append(_row("  simulator actually sent /s", fr["sim_sent_per_s"], cf["sim_sent_per_s"], "-"))
+        if "cpu_us_per_trade" in fr:
+            lines.append(_row("  CPU µs per trade delivered", fr["cpu_us_per_trade"], cf["cpu_us_per_trade"]))
     return "\n".join(lines)
 
 

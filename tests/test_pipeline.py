@@ -103,6 +103,23 @@ async def test_a_batch_put_into_an_empty_queue_is_written_before_put_returns() -
     assert sink.ids == ["0", "1", "2", "3"]
 
 
+async def test_put_now_writes_when_nothing_is_queued_and_otherwise_does_nothing() -> None:
+    """The adapters' synchronous path: a refusal leaves no trace (nothing accepted, written or queued),
+    so the caller can put the same batch through `put` instead, in order."""
+    sink, metrics = Memory(), Metrics()
+    pipe = Pipeline(spec("{size: 100, overflow: block}"), [sink], metrics)
+    assert not pipe.put_now([trade(0)]) and pipe.accepted == 0  # not started
+    pipe.start()
+    assert pipe.put_now([trade(0), trade(1)]) and sink.ids == ["0", "1"] and pipe.accepted == 2
+    pipe._batches.append([trade(2)])  # a batch the consumer has not taken yet
+    pipe.depth += 1
+    pipe._ready.set()
+    assert not pipe.put_now([trade(3)]) and pipe.accepted == 2 and pipe.depth == 1
+    await pipe.put([trade(3)])
+    await pipe.drain_and_close()
+    assert sink.ids == ["0", "1", "2", "3"]
+
+
 async def test_events_from_several_producers_arrive_in_each_producers_order() -> None:
     sink = Memory()
     pipe = Pipeline(spec("{size: 100, overflow: block}"), [sink], Metrics())

@@ -6,18 +6,20 @@ Each watch call rebuilds the set's 100 market lookups, message hashes and future
 each message woke one call through a chain of futures: at 1,000 symbols and 5,000 trades/s the calls
 alone kept the event loop busy enough that frames waited ~20 ms to be read and trades ~20 ms more in
 ccxt's cache. Once a set's watch call has returned (it is subscribed, on a connection ccxt keeps), its
-loop waits on one future that a trade's arrival completes, and takes the trades that arrived.
+loop waits for what arrives.
 
-Arrived how: a public spot `@trade` frame on the set's own connection, for one of its markets, is parsed
-(binance_frames.parse) and queued on the set as it is read, before ccxt's message dispatch (a dict of
-~40 bound methods built per message), its market lookups, trade cache and futures: those cost ~3x the
-parse, and in a burst every frame waits for the ones before it. Every other message, and any trade frame
-of another shape, goes to ccxt as before; such a trade's parse marks its symbol, and the loop sweeps it
-from ccxt's cache together with the queued ones, in id order. ccxt still owns the connection and the
-subscription; a ccxt future left pending on that connection (never resolved) is what ccxt rejects when
-the connection fails or is dropped, which fails the wait the way a watch call would have failed (after
-the trades already queued are taken), and the loop goes back to calling watch (reconnecting and
-resubscribing as before).
+Arrived how: a public spot `@trade` frame on the set's own connection, for one of its markets, becomes
+a Trade (binance_frames.event) as it is read, before ccxt's message dispatch (a dict of ~40 bound
+methods built per message), its market lookups, trade cache and futures: those cost ~3x the parse, and
+in a burst every frame waits for the ones before it. Once the reading task has handled everything read
+(`drained`), the set's trades go to the pipeline from there, as one batch, if its loop is idle and the
+adapter can deliver them at once (each continues its symbol's ids, the queue is empty); otherwise the
+loop is woken and takes them. Every other message, and any trade frame of another shape, goes to ccxt
+as before; such a trade's parse marks its symbol, and the loop sweeps it from ccxt's cache together with
+the taken ones, in id order. ccxt still owns the connection and the subscription; a ccxt future left
+pending on that connection (never resolved) is what ccxt rejects when the connection fails or is
+dropped, which fails the wait the way a watch call would have failed (after the trades already taken are
+delivered), and the loop goes back to calling watch (reconnecting and resubscribing as before).
 """
 
 from __future__ import annotations
@@ -66,15 +68,23 @@ class Arrivals:
         if not self._taken:
             return
         sets, self._taken = self._taken, []
+        failed: Exception | None = None
         for armed in sets:
             if not armed.trades:
                 continue
             wake = armed.wake
             idle = wake is not None and not wake.done()
-            if idle and not armed.dirty and self._deliver is not None and self._deliver(armed.trades):
+            delivered = False
+            try:
+                delivered = idle and not armed.dirty and self._deliver is not None and self._deliver(armed.trades)
+            except Exception as exc:  # the loop takes them instead; the reading task logs it
+                failed = failed or exc
+            if delivered:
                 armed.trades = []
             elif idle:
                 wake.set_result(None)  # type: ignore[union-attr]
+        if failed is not None:
+            raise failed
 
     def arrived(self, symbol: str) -> None:
         armed = self._set_of.get(symbol)
