@@ -337,6 +337,14 @@ async def test_a_subscribed_trade_set_is_woken_by_the_parse_not_by_a_watch_call_
     assert sample(adapter, "feedrunner_trades_lost_total") == 0
 
 
+def parse_through(adapter: CcxtAdapter, wrap: Callable[..., Any]) -> None:
+    """The adapter's parse of taken frames, through `wrap(frame, market, parse)`."""
+    arrivals = adapter._arrivals
+    assert arrivals is not None
+    parse = arrivals._parse
+    arrivals._parse = lambda frame, market: wrap(frame, market, parse)
+
+
 async def test_a_subscribed_sets_trade_frames_are_taken_before_ccxts_dispatch(run_adapter, sim):
     """Once armed, the set's @trade frames are parsed as they are read: ccxt's trade handler (market
     lookups, cache, futures) no longer runs for them, and what is emitted is still every trade, in order."""
@@ -385,18 +393,16 @@ async def test_trade_frames_ccxt_parses_and_frames_taken_directly_are_emitted_in
     directly in one batch, each symbol's trades are still emitted in id order, none lost, none repeated."""
     adapter, out = await run_adapter("websocket", channels=["trades"])
     await wait_until(lambda: all(out.of(Trade, s) for s in SYMBOLS), 10, "trades")
-    arrivals = adapter._arrivals
-    direct = arrivals._parse
     declined = 0
 
-    def every_other(frame: dict[str, Any], market: dict[str, Any]) -> Any:
+    def every_other(frame: dict[str, Any], market: dict[str, Any], parse: Callable[..., Any]) -> Any:
         nonlocal declined
         if frame["t"] % 2:
             declined += 1
             return None  # as for a frame of a shape we do not know: ccxt parses it
-        return direct(frame, market)
+        return parse(frame, market)
 
-    arrivals._parse = every_other
+    parse_through(adapter, every_other)
     sim.set_rate(1000)  # several trades of a symbol per tick: each read mixes both kinds
     n = len(out.events)
     await asyncio.sleep(2.0)
@@ -414,18 +420,16 @@ async def test_a_message_handler_that_raises_is_logged_and_the_connection_keeps_
     backfilled, nothing is lost."""
     adapter, out = await run_adapter("websocket", channels=["trades"])
     await wait_until(lambda: all(out.of(Trade, s) for s in SYMBOLS), 10, "trades")
-    arrivals = adapter._arrivals
-    direct = arrivals._parse
     raised = 0
 
-    def raises_once(frame: dict[str, Any], market: dict[str, Any]) -> Any:
+    def raises_once(frame: dict[str, Any], market: dict[str, Any], parse: Callable[..., Any]) -> Any:
         nonlocal raised
         if not raised:
             raised += 1
             raise RuntimeError("handler failed")
-        return direct(frame, market)
+        return parse(frame, market)
 
-    arrivals._parse = raises_once
+    parse_through(adapter, raises_once)
     await wait_until(lambda: raised, 5, "the failing frame")
     before = {s: len(out.of(Trade, s)) for s in SYMBOLS}
     await wait_until(lambda: all(len(out.of(Trade, s)) > before[s] + 20 for s in SYMBOLS), 10, "trades after")
