@@ -60,14 +60,18 @@ class Clock:
 
 
 class Collector:
-    """An adapter's `emit` (and `now` its `emit_now`, refusing while `busy`): keeps every event in memory."""
+    """An adapter's `emit` (held while `gate` is set and not open) and `now` its `emit_now` (refusing while
+    `busy`): keeps every event in memory."""
 
     def __init__(self) -> None:
         self.events: list[Event] = []
         self.busy = False
+        self.gate: asyncio.Event | None = None
         self.batches = {"emit": 0, "now": 0}
 
     async def __call__(self, events: list[Event]) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
         self.batches["emit"] += 1
         self.events.extend(events)
 

@@ -388,6 +388,28 @@ async def test_taken_trades_are_delivered_from_the_reading_task_unless_the_pipel
     assert sample(adapter, "feedrunner_trades_lost_total") == 0
 
 
+async def test_trades_taken_while_the_loop_is_held_are_bounded_and_the_hole_is_backfilled(run_adapter, sim):
+    """A set holds at most trades_buffer trades a symbol while its loop cannot take them (as ccxt's caches
+    do); past that the oldest go, and the continuity check backfills the hole: nothing is lost."""
+    adapter, out = await run_adapter("websocket", channels=["trades"], trades_buffer=10)
+    await wait_until(lambda: all(out.of(Trade, s) for s in SYMBOLS), 10, "trades")
+    assert adapter._arrivals is not None
+    armed = next(iter(adapter._arrivals._by_id.values()))
+    out.busy, out.gate = True, asyncio.Event()  # the loop's next emit waits
+    held = 0
+    for _ in range(30):  # 3 symbols x 40 trades/s: ~120 in 1.5 s against room for 30
+        await asyncio.sleep(0.05)
+        held = max(held, len(armed.trades))
+    assert held == 10 * len(SYMBOLS)
+    out.gate.set()
+    out.busy = False
+    n = len(out.events)
+    await wait_until(lambda: len(out.events) > n + 150, 10, "the held trades, backfilled, and more")
+    out.assert_contiguous()
+    assert [e for e in out.of(Trade) if e.backfilled]
+    assert sample(adapter, "feedrunner_trades_lost_total") == 0
+
+
 async def test_trade_frames_ccxt_parses_and_frames_taken_directly_are_emitted_in_id_order(run_adapter, sim):
     """A trade frame of another shape goes to ccxt (its cache, then the sweep); mixed with frames taken
     directly in one batch, each symbol's trades are still emitted in id order, none lost, none repeated."""

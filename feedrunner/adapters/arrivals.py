@@ -25,6 +25,7 @@ delivered), and the loop goes back to calling watch (reconnecting and resubscrib
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -38,7 +39,8 @@ class Arrivals:
     """symbol -> the armed set that streams it; `arrived` is called for every trade ccxt parses, `take`
     for every message before ccxt sees it."""
 
-    def __init__(self, parse: Parse | None = None, deliver: Deliver | None = None) -> None:
+    def __init__(self, parse: Parse | None = None, deliver: Deliver | None = None, per_symbol: int = 1000) -> None:
+        self.per_symbol = per_symbol  # trades held per symbol of a set while its loop is busy (trades_buffer)
         self._set_of: dict[str, ArmedSet] = {}
         self._by_id: dict[str, ArmedSet] = {}  # market id -> the armed set whose connection carries it
         self._parse = parse
@@ -76,11 +78,11 @@ class Arrivals:
             idle = wake is not None and not wake.done()
             delivered = False
             try:
-                delivered = idle and not armed.dirty and self._deliver is not None and self._deliver(armed.trades)
+                delivered = idle and not armed.dirty and self._deliver is not None and self._deliver(list(armed.trades))
             except Exception as exc:  # the loop takes them instead; the reading task logs it
                 failed = failed or exc
             if delivered:
-                armed.trades = []
+                armed.trades.clear()
             elif idle:
                 wake.set_result(None)  # type: ignore[union-attr]
         if failed is not None:
@@ -122,7 +124,9 @@ class ArmedSet:
         self.symbols = symbols
         self.hash = f"feedrunner::{name}"  # no message of the venue carries it: only a rejection ends it
         self.dirty: set[str] = set()  # symbols with trades in ccxt's cache
-        self.trades: list[Trade] = []  # from frames taken before ccxt saw them
+        # from frames taken before ccxt saw them; bounded as ccxt's caches are (tradesLimit a symbol): past
+        # it the oldest go, and the continuity check finds the hole and backfills it
+        self.trades: deque[Trade] = deque(maxlen=arrivals.per_symbol * max(1, len(symbols)))
         self.markets: dict[str, dict[str, Any]] = {}  # market id -> market, while armed
         self.wake: asyncio.Future[None] | None = None
         self._client: Any = None
@@ -191,7 +195,8 @@ class ArmedSet:
                 # the connection ended after more trades came: they are taken first, the error next call
             finally:
                 self.wake = None
-        trades, self.trades = self.trades, []
+        trades = list(self.trades)
+        self.trades.clear()
         dirty = list(self.dirty)
         self.dirty.clear()
         return trades, dirty

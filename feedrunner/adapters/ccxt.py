@@ -159,7 +159,9 @@ class CcxtAdapter(Adapter):
         if isinstance(client, ccxt.pro.binance) and binance_frames.install(client, self._arrived):
             name = self.name
             self._arrivals = Arrivals(
-                lambda frame, market: binance_frames.event(name, frame, market, now_ns()), self._deliver_taken
+                lambda frame, market: binance_frames.event(name, frame, market, now_ns()),
+                self._deliver_taken,
+                v.trades_buffer,
             )
         arrivals = self._arrivals
         wsreads.install(client, arrivals.take if arrivals else None, arrivals.drained if arrivals else None)
