@@ -205,45 +205,40 @@ class Adapter(ABC):
             return
         first = events[0]
         key = (first.transport, first.kind)
-        latencies = []
         for i, e in enumerate(events):
             if (e.transport, e.kind) != key:  # mixed batch (rare): split it
-                self._account(events[:i], key, latencies)
+                self._account(events[:i], key)
                 await self._hand(events[:i], key[1])
                 await self.deliver_many(events[i:])
                 return
-            if e.ts_exchange:
-                lat = (e.ts_received - e.ts_exchange) / 1e9
-                latencies.append(lat if lat > 0.0 else 0.0)
-        self._account(events, key, latencies)
+        self._account(events, key)
         await self._hand(events, key[1])
 
     def deliver_now(self, events: list[Event]) -> bool:
         """`deliver_many` for a batch of one transport and kind, without waiting: False, and nothing done,
         if the pipeline cannot take it at once."""
+        first = events[0]
+        ids = self._ids(events, first.kind)
         if self.emit_now is None or not self.emit_now(events):
             return False
-        first = events[0]
-        latencies = []
-        for e in events:
-            if e.ts_exchange:
-                lat = (e.ts_received - e.ts_exchange) / 1e9
-                latencies.append(lat if lat > 0.0 else 0.0)
-        self._account(events, (first.transport, first.kind), latencies)
-        if first.kind == "trade" and self.continuity is not None and self.continuity.contiguous:
-            for e in events:
-                if e.id is not None:  # type: ignore[attr-defined]
-                    self._handed[e.symbol] = e.id  # type: ignore[attr-defined]
+        self._account(events, (first.transport, first.kind))
+        if ids:
+            self._handed.update(ids)
         return True
 
     async def _hand(self, events: list[Event], kind: str) -> None:
         """Emit, then note each symbol's last trade id: once `emit` returns, the pipeline has them."""
-        if kind != "trade" or self.continuity is None or not self.continuity.contiguous:
-            await self.emit(events)
-            return
-        ids = {e.symbol: e.id for e in events if e.id is not None}  # type: ignore[attr-defined]
+        ids = self._ids(events, kind)
         await self.emit(events)
-        self._handed.update(ids)
+        if ids:
+            self._handed.update(ids)
+
+    def _ids(self, events: list[Event], kind: str) -> dict[str, str] | None:
+        """Each symbol's last trade id in the batch, where ids are contiguous (read before the pipeline
+        owns the list)."""
+        if kind != "trade" or self.continuity is None or not self.continuity.contiguous:
+            return None
+        return {e.symbol: e.id for e in events if e.id is not None}  # type: ignore[attr-defined]
 
     # -- checkpoints: where each symbol's tape stands, across restarts ----------------------------------
 
@@ -284,9 +279,11 @@ class Adapter(ABC):
     def duplicate_dropped(self, symbol: str) -> None:
         self._duplicates.inc()
 
-    def _account(self, events: list[Event], key: tuple[str, str], latencies: list[float]) -> None:
+    def _account(self, events: list[Event], key: tuple[str, str]) -> None:
+        """The batch's count and its exchange-to-receipt latencies, one metrics update each."""
         counter, histogram = self._children(*key)
         counter.inc(len(events))
+        latencies = [max(0.0, (e.ts_received - e.ts_exchange) / 1e9) for e in events if e.ts_exchange]
         if latencies:
             observe_many(histogram, latencies)
 
@@ -410,6 +407,26 @@ class TradeContinuity:
             self.last[symbol] = n
             self.last_ts.pop(symbol, None)
         self.arm(ids)
+
+    def continues(self, trades: list[Trade]) -> list[str] | None:
+        """The symbols of a batch in which every trade is the next id of its symbol (so `check` would
+        find each new, nothing missing, no reset): None if any is not, or its symbol has no last id yet or
+        is armed. Nothing changes: `check` each trade once it is delivered."""
+        if not self.contiguous:
+            return None
+        last, armed = self.last, self.armed
+        upto: dict[str, int] = {}
+        for t in trades:
+            symbol, tid = t.symbol, t.id
+            prev = upto.get(symbol)
+            if prev is None:
+                prev = last.get(symbol)
+                if prev is None or symbol in armed:
+                    return None
+            if tid is None or not tid.isdigit() or int(tid) != prev + 1:
+                return None
+            upto[symbol] = prev + 1
+        return list(upto)
 
     def check(self, trade: Trade) -> tuple[bool, int]:
         """(is new, number of trades missing before it). A reset is new with nothing missing."""

@@ -708,25 +708,14 @@ class CcxtAdapter(Adapter):
         otherwise (a gap to backfill, a repeat, a reconnect's first trade, a busy queue): `_on_events`
         then has them from the set's loop."""
         c = self.continuity
-        if not c.contiguous:
+        symbols = c.continues(trades)
+        if symbols is None:
             return False
-        last_ids, armed = c.last, c.armed
-        upto: dict[str, int] = {}
-        for t in trades:
-            symbol, tid = t.symbol, t.id
-            prev = upto.get(symbol)
-            if prev is None:
-                prev = last_ids.get(symbol)
-                if prev is None or symbol in armed:
-                    return False
-            if tid is None or not tid.isdigit() or int(tid) != prev + 1:
-                return False
-            upto[symbol] = prev + 1
         if not self.deliver_now(trades):  # type: ignore[arg-type]
             return False
         for t in trades:
-            c.check(t)  # new, nothing missing: as checked above
-        for symbol in upto:
+            c.check(t)  # new, nothing missing: as `continues` found
+        for symbol in symbols:
             self.seen(symbol, "trades")
         self._ws_ok()
         return True
